@@ -1,0 +1,46 @@
+# miroflow: two commands do everything on a fresh machine.
+#   make demo   install into .venv (if needed) and run the pipeline on the embedded shapes domain
+#   make test   install into .venv (if needed) and run the test suite (what CI runs)
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.miroflow-installed
+# pip prints a harmless warning per missing local index location on this machine; hide those.
+PIPFILTER := grep -v -E "Location '.*' is ignored" || true
+
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := 1
+export DVC_NO_ANALYTICS := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test test-all bench clean-work
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -U pip 2>&1 | $(PIPFILTER)
+	$(PY) -m pip install -q -e '.[test,dask]' -c constraints.txt 2>&1 | $(PIPFILTER)
+	$(PY) -c "import torch, torchvision, diffusers, open_clip, webdataset, mlflow, prefect, miroflow"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	PREFECT_HOME=$(CURDIR)/work/prefect $(VENV)/bin/miroflow demo
+
+test: install
+	PREFECT_HOME=$$(mktemp -d) $(VENV)/bin/pytest -q
+
+test-all: install
+	PREFECT_HOME=$$(mktemp -d) $(VENV)/bin/pytest -q -m "slow or not slow"
+
+bench: install
+	$(PY) benchmarks/scoring.py
+
+clean-work:
+	rm -rf work manifests/*.json

@@ -1,0 +1,280 @@
+"""Typed configuration tree mirroring ``params.yaml``.
+
+One pydantic v2 model per section; ``extra="forbid"`` everywhere so an unknown key is an
+error naming its dotted path. Load once with :func:`load_params` and pass the result
+explicitly; flows use the same models so the Prefect UI renders typed forms.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+__all__ = [
+    "DataConfig",
+    "DegradationConfig",
+    "ScoreConfig",
+    "TrainConfig",
+    "EvalConfig",
+    "SweepConfig",
+    "StorageConfig",
+    "TrackingConfig",
+    "Params",
+    "ParamsError",
+    "load_params",
+    "parse_overrides",
+    "apply_overrides",
+    "format_validation_error",
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DegradationConfig(_Section):
+    """Controlled degradations applied to the synthetic shapes images."""
+
+    blur_prob: float = Field(0.5, ge=0, le=1, description="Probability a sample is Gaussian-blurred.")
+    blur_sigma: tuple[float, float] = Field((0.6, 2.0), description="Range of blur sigma in pixels (at 32 px; scaled with resolution).")
+    noise_prob: float = Field(0.2, ge=0, le=1, description="Probability additive Gaussian noise is applied.")
+    noise_std: tuple[float, float] = Field((0.05, 0.2), description="Range of noise std in [0,1] intensity units.")
+    low_contrast_prob: float = Field(0.2, ge=0, le=1, description="Probability the contrast is reduced.")
+    contrast_factor: tuple[float, float] = Field((0.2, 0.5), description="Range of the contrast factor (1 = unchanged).")
+    jpeg_prob: float = Field(0.0, ge=0, le=1, description="Probability the image is JPEG-compressed.")
+    jpeg_quality: tuple[int, int] = Field((5, 30), description="Range of JPEG quality for compressed samples.")
+
+
+class DataConfig(_Section):
+    """The prepare stage: which dataset, how big, how it is sharded."""
+
+    domain: Literal["shapes", "import"] = Field("shapes", description="'shapes' renders the synthetic domain; 'import' re-shards cc12m-style tars from data.import_uri.")
+    import_uri: str | None = Field(None, description="URI prefix (file path, file:// or s3://) holding cc12m-style .tar files to import when domain=import.")
+    num_samples: int = Field(4000, ge=1, description="Number of samples to render (shapes).")
+    resolution: int = Field(32, ge=16, le=512, description="Image side in pixels.")
+    seed: int = Field(0, description="Seed for rendering, degradations and caption swaps.")
+    shard_size: int = Field(1000, ge=1, description="Samples per webdataset shard.")
+    split: str = Field("train", pattern=r"^[a-z0-9_]+$", description="Split name used in shard file names.")
+    image_format: Literal["png", "jpg"] = Field("png", description="Encoding of images inside shards.")
+    swap_caption_fraction: float = Field(0.3, ge=0, le=1, description="Fraction of samples whose caption is replaced by another scene's caption.")
+    synthetic_captions: bool = Field(False, description="If true every sample carries a noisy 'original' and an accurate 'synthetic' caption.")
+    max_objects: int = Field(4, ge=1, le=4, description="Maximum number of objects per scene.")
+    degradations: DegradationConfig = Field(default_factory=DegradationConfig, description="Degradations of the shapes images.")
+    manifest: str = Field("manifests/shards.json", description="Local path of the shard manifest DVC tracks.")
+
+
+class ScoreConfig(_Section):
+    """The score and bin stages."""
+
+    rewards: list[str] = Field(
+        default_factory=lambda: ["sharpness", "noise", "contrast", "compressibility", "shapes_alignment"],
+        description="Reward names from the reward registry to score every sample with.",
+    )
+    reward_weights: dict[str, str] = Field(default_factory=dict, description="Local path or hub id of weights per reward name (real reward models only).")
+    batch_size: int = Field(64, ge=1, description="Images per scoring batch.")
+    device: str = Field("auto", description="'auto', 'cpu' or 'cuda[:i]'.")
+    executor: Literal["thread", "dask"] = Field("thread", description="Prefect task runner for per-shard scoring.")
+    max_workers: int = Field(2, ge=1, description="Concurrent shard tasks.")
+    num_bins: int = Field(64, ge=2, description="Quantile bins per reward.")
+    bin_max_samples: int = Field(100_000, ge=1, description="At most this many values per reward are used to estimate bin edges.")
+    manifest: str = Field("manifests/scores.json", description="Local manifest of score tables (DVC out).")
+    bins: str = Field("manifests/bins.json", description="Local path of the bin-edge JSON (DVC out).")
+
+
+class TrainConfig(_Section):
+    """The train stage: model size, conditioning, optimisation, checkpoints."""
+
+    run_name: str = Field("miro", pattern=r"^[A-Za-z0-9_.-]+$", description="Name of the run; checkpoints go under <storage.root>/runs/<run_name>.")
+    model: str = Field("tiny", description="Denoiser size from the model registry (tiny, small, paper).")
+    text_encoder: str = Field("minilm", description="'minilm' (offline default), 'learned', 't5:<path-or-id>' or 'clip:<path-or-id>'.")
+    latent: Literal["pixel", "vae"] = Field("pixel", description="Pixel space for tiny domains; 'vae' uses AutoencoderKL latents.")
+    vae: str | None = Field(None, description="Path or hub id of the AutoencoderKL when latent=vae.")
+    rewards: list[str] | None = Field(None, description="Rewards the model is conditioned on; null = every scored reward; [] = baseline without rewards.")
+    steps: int = Field(1500, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(64, ge=1, description="Global batch size (samples per optimizer step).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    warmup_steps: int = Field(100, ge=0, description="Linear warm-up steps.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine floor as a fraction of lr.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    optimizer: Literal["adamw", "lamb"] = Field("adamw", description="Optimizer.")
+    grad_clip: float = Field(2.0, gt=0, description="Gradient norm clip.")
+    ema_decay: float = Field(0.999, ge=0, lt=1, description="EMA decay of weights (0.9999 at full scale).")
+    reward_dropout: float = Field(0.1, ge=0, le=1, description="Probability each reward is independently set absent.")
+    all_reward_dropout: float = Field(0.05, ge=0, le=1, description="Probability the whole reward vector is absent.")
+    text_dropout: float = Field(0.0, ge=0, le=1, description="Probability the caption is dropped (enables text CFG).")
+    synthetic_caption_prob: float = Field(0.0, ge=0, le=1, description="Probability the synthetic caption is used instead of the original (0.5 = 50/50 mix).")
+    seed: int = Field(0, description="Seed for init, data order and noise.")
+    mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="bf16 autocast on GPU when 'auto'.")
+    compile: bool = Field(False, description="torch.compile the denoiser.")
+    device: str = Field("auto", description="'auto', 'cpu' or 'cuda[:i]'.")
+    num_workers: int = Field(0, ge=0, description="DataLoader workers.")
+    log_every: int = Field(50, ge=1, description="Metric logging interval in steps.")
+    eval_every: int = Field(500, ge=1, description="Interval for EMA sample grids and reward means.")
+    checkpoint_every: int = Field(500, ge=1, description="Checkpoint interval in steps.")
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept.")
+    sample_prompts: list[str] = Field(
+        default_factory=lambda: ["a red circle", "two blue squares", "a green triangle left of a yellow circle", "three red squares"],
+        description="Fixed prompts for the sample grids.",
+    )
+    sample_steps: int = Field(20, ge=1, description="Euler steps for training-time samples.")
+
+
+class EvalConfig(_Section):
+    """The evaluate stage."""
+
+    checkpoint: str | None = Field(None, description="Checkpoint or pipeline URI; null = latest checkpoint of train.run_name.")
+    prompt_set: str = Field("shapes", description="Prompt set from the registry (shapes, geneval:<path>, parti:<path>).")
+    num_prompts: int | None = Field(None, ge=1, description="Evaluate only the first N prompts.")
+    images_per_prompt: int = Field(4, ge=1, description="Images generated per prompt.")
+    steps: int = Field(50, ge=1, description="Euler sampling steps.")
+    guidance_scale: float = Field(0.0, ge=0, description="ω in v+ + ω(v+ − v−).")
+    reward_targets: dict[str, float] = Field(default_factory=dict, description="Positive reward targets (unspecified = 1.0).")
+    negative_reward_targets: dict[str, float] = Field(default_factory=dict, description="Negative reward targets (unspecified = 0.0).")
+    rewards: list[str] | None = Field(None, description="Rewards to score generated images with; null = score.rewards.")
+    batch_size: int = Field(64, ge=1, description="Images per sampling batch.")
+    seed: int = Field(0, description="Sampling seed.")
+    output: str = Field("eval", description="Output prefix under storage.root.")
+
+
+class SweepConfig(_Section):
+    """Guidance, reward-target and best-of-N sweeps."""
+
+    guidance_scales: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0], description="ω grid.")
+    target_reward: str | None = Field("sharpness", description="Reward whose target is swept (others at 1).")
+    target_values: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], description="Target grid in [0,1].")
+    best_of_n: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16], description="N grid for best-of-N.")
+    select_by: str = Field("shapes_alignment", description="Reward used to select the best of N.")
+    output: str = Field("sweeps", description="Output prefix under storage.root.")
+
+
+class StorageConfig(_Section):
+    """Where artifacts live. Endpoints and credentials come only from the environment."""
+
+    root: str = Field("work/store", description="Artifact root URI: a path, file://... or s3://bucket/prefix.")
+    retries: int = Field(5, ge=0, description="Retries on transient storage errors.")
+    backoff_s: float = Field(0.2, ge=0, description="Initial retry backoff in seconds (doubles each retry).")
+
+
+class TrackingConfig(_Section):
+    """MLflow. The tracking URI comes from MLFLOW_TRACKING_URI if set."""
+
+    experiment: str = Field("miroflow", description="MLflow experiment name (one per study).")
+    tracking_uri: str | None = Field(None, description="Default tracking URI when MLFLOW_TRACKING_URI is unset; null = sqlite:///work/mlflow.db.")
+    register_model: str | None = Field(None, description="Registered model name for the final checkpoint; null = do not register.")
+    enabled: bool = Field(True, description="Log to MLflow at all.")
+
+
+class Params(_Section):
+    """The whole params.yaml."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+
+class ParamsError(ValueError):
+    """Invalid params; ``problems`` holds one ``dotted.key: message`` line per problem."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+
+def format_validation_error(err: ValidationError) -> list[str]:
+    """One ``dotted.key: message`` line per pydantic error."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{loc}: {msg}")
+    return lines
+
+
+def _parse_scalar(raw: str) -> Any:
+    """YAML-parse an override value; '1e-3' (a string to YAML 1.1) becomes a float."""
+    if not raw.strip():
+        return ""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        for cast in (int, float):
+            try:
+                return cast(value)
+            except ValueError:
+                pass
+    return value
+
+
+def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
+    """Parse DVC-style ``key.sub=value`` overrides (values parsed as YAML) into a nested dict."""
+    tree: dict[str, Any] = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ParamsError("overrides", [f"{item}: expected KEY=VALUE"])
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ParamsError("overrides", [f"{item}: empty key"])
+        value = _parse_scalar(raw)
+        node = tree
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ParamsError("overrides", [f"{key}: conflicts with another override"])
+        node[parts[-1]] = value
+    return tree
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def apply_overrides(params: Params, overrides: list[str] | None) -> Params:
+    """Return a new validated Params with overrides applied."""
+    merged = _deep_merge(params.model_dump(mode="json"), parse_overrides(overrides))
+    try:
+        return Params.model_validate(merged)
+    except ValidationError as err:
+        raise ParamsError("overrides", format_validation_error(err)) from None
+
+
+def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Load and validate params.yaml (missing file = defaults) plus overrides.
+
+    Raises:
+        ParamsError: listing every problem as ``dotted.key: message``.
+    """
+    raw: dict[str, Any] = {}
+    source = str(path) if path else "<defaults>"
+    if path is not None and Path(path).exists():
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ParamsError(source, [f"<yaml>: {err}"]) from None
+        if not isinstance(loaded, dict):
+            raise ParamsError(source, ["<root>: expected a mapping"])
+        raw = loaded
+    elif path is not None and str(path) != "params.yaml":
+        raise ParamsError(source, ["<file>: not found"])
+    raw = _deep_merge(raw, parse_overrides(overrides))
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ParamsError(source, format_validation_error(err)) from None

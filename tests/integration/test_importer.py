@@ -1,0 +1,125 @@
+"""miroflow.data.importers: re-sharding cc12m-style tars, locally and from S3."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from miroflow.data.importers import import_tars
+from miroflow.data.shards import decode_image, encode_image, iter_shard
+from miroflow.storage import Storage
+
+
+def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tf.addfile(info, io.BytesIO(data))
+
+
+def _jpeg(value: int) -> bytes:
+    return encode_image(np.full((12, 10, 3), value, np.uint8), "jpg")
+
+
+def cc12m_tar(good: int, start: int = 0, extra: bool = True) -> bytes:
+    """A cc12m/img2dataset-style tar: ``good`` valid samples, plus (if ``extra``) bad ones."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for i in range(start, start + good):
+            key = f"{i:09d}"
+            _add(tf, f"{key}.jpg", _jpeg(10 * i % 250))
+            _add(tf, f"{key}.txt", f"photo number {i}".encode())
+            _add(tf, f"{key}.json", json.dumps({"url": f"http://example.invalid/{i}.jpg", "key": key}).encode())
+        if extra:
+            jpg = _jpeg(50)
+            _add(tf, "100000001.jpg", jpg[: len(jpg) // 3])  # corrupt (truncated) JPEG
+            _add(tf, "100000001.txt", b"a corrupt one")
+            _add(tf, "../../x", b"escape attempt")  # unsafe member name
+            _add(tf, "100000002.jpg", _jpeg(60))  # no caption anywhere
+            _add(tf, "100000002.json", b"{}")
+            _add(tf, "100000003.jpg", _jpeg(70))
+            _add(tf, "100000003.txt", b"with pickle")
+            _add(tf, "100000003.pyd", pickle.dumps({"x": 1}))
+    return buf.getvalue()
+
+
+def _snapshot(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def test_import_local_keeps_good_reports_bad_writes_only_target(tmp_path: Path) -> None:
+    storage = Storage(retries=0)
+    work = tmp_path / "work"
+    src = work / "incoming"
+    target = work / "store" / "shards"
+    src.mkdir(parents=True)
+    (src / "part-00000.tar").write_bytes(cc12m_tar(good=5))
+    (src / "part-00001.tar").write_bytes(cc12m_tar(good=2, start=5, extra=False))
+    (src / "README").write_text("not a tar")
+    before = _snapshot(tmp_path)
+    outside_before = set(os.listdir(tmp_path.parent))
+    cwd_x_existed = (Path.cwd().parent.parent / "x").exists()
+
+    report = import_tars(str(src), str(target), "train", 3, storage, progress=False)
+
+    assert report.num_ok == 7
+    assert [Path(e["uri"]).name for e in report.entries] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    assert sum(e["n"] for e in report.entries) == 7
+    by_what = {r.get("member") or r.get("key"): r for r in report.rejected}
+    assert set(by_what) == {"100000001", "../../x", "100000002", "100000003"}
+    assert "corrupt image" in by_what["100000001"]["reason"]
+    assert "unsafe member name" in by_what["../../x"]["reason"]
+    assert "caption" in by_what["100000002"]["reason"]
+    assert "pickle" in by_what["100000003"]["reason"]
+    assert all(r["source"] == str(src / "part-00000.tar") for r in report.rejected)
+
+    # only the target shards appeared; nothing next to the tmp dir or above the target
+    after = _snapshot(tmp_path)
+    assert after - before == {"work/store", "work/store/shards"} | {
+        f"work/store/shards/train-00000{i}.tar" for i in range(3)
+    }
+    assert set(os.listdir(tmp_path.parent)) == outside_before
+    assert not (Path.cwd().parent.parent / "x").exists() or cwd_x_existed
+
+    recs = [r for e in report.entries for r in iter_shard(e["uri"], storage)]
+    assert [r["key"] for r in recs] == [f"train-{n:08d}" for n in range(7)]
+    first = recs[0]
+    assert first["image_ext"] == "jpg"
+    assert first["image_bytes"] == _jpeg(0)  # original JPEG bytes kept
+    assert first["txt"] == "photo number 0"
+    assert first["json"]["source"]["key"] == "000000000"
+    assert first["json"]["source"]["json"]["url"] == "http://example.invalid/0.jpg"
+    assert decode_image(recs[6]["image_bytes"]).shape == (12, 10, 3)
+
+
+def test_import_is_deterministic(tmp_path: Path) -> None:
+    storage = Storage(retries=0)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.tar").write_bytes(cc12m_tar(good=4))
+    r1 = import_tars(str(tmp_path / "src"), str(tmp_path / "o1"), "train", 10, storage, progress=False)
+    r2 = import_tars(str(tmp_path / "src"), str(tmp_path / "o2"), "train", 10, storage, progress=False)
+    assert r1.entries[0]["sha256"] == r2.entries[0]["sha256"]
+
+
+def test_import_no_tars_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no .tar files found under"):
+        import_tars(str(tmp_path), str(tmp_path / "out"), "train", 10, Storage(retries=0), progress=False)
+
+
+def test_import_from_s3_to_s3(moto_server: str, s3_bucket: str) -> None:
+    storage = Storage(retries=1, backoff_s=0.01)
+    storage.write_bytes(f"s3://{s3_bucket}/raw/cc12m/00000.tar", cc12m_tar(good=3))
+    report = import_tars(f"s3://{s3_bucket}/raw/cc12m/", f"s3://{s3_bucket}/store/shards", "train", 2, storage,
+                         progress=False)
+    assert report.num_ok == 3 and len(report.rejected) == 4
+    assert storage.list(f"s3://{s3_bucket}/") == sorted(
+        [f"s3://{s3_bucket}/raw/cc12m/00000.tar"] + [e["uri"] for e in report.entries]
+    )
+    recs = [r for e in report.entries for r in iter_shard(e["uri"], storage)]
+    assert [r["txt"] for r in recs] == ["photo number 0", "photo number 1", "photo number 2"]

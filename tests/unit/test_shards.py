@@ -1,0 +1,272 @@
+"""miroflow.data.shards on local files: deterministic writing, safe reading, manifests, webdataset."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import pickle
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from miroflow.data.sample import Sample
+from miroflow.data.shards import (
+    ManifestError,
+    ShardError,
+    decode_image,
+    encode_image,
+    iter_shard,
+    make_webdataset,
+    read_manifest,
+    split_member_name,
+    wds_url,
+    write_manifest,
+    write_shards,
+)
+from miroflow.storage import Storage
+
+
+@pytest.fixture
+def storage() -> Storage:
+    return Storage(retries=0)
+
+
+def make_samples(n: int, seed: int = 0, split: str = "train") -> list[Sample]:
+    rng = np.random.default_rng(seed)
+    return [
+        Sample(
+            key=f"{split}-{i:08d}",
+            image=rng.integers(0, 256, (6 + i % 3, 5, 3), dtype=np.uint8),
+            caption=f"a red circle number {i} ✓",
+            meta={"scene": {"objects": i}, "swapped": bool(i % 2), "score": np.float32(0.5)},
+        )
+        for i in range(n)
+    ]
+
+
+def add_member(tf: tarfile.TarFile, name: str, data: bytes, kind: bytes = tarfile.REGTYPE, link: str = "") -> None:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = link
+    info.size = len(data) if kind == tarfile.REGTYPE else 0
+    tf.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+
+
+class _Payload:
+    """Unpickling this creates the file at ``path`` (stands in for arbitrary code execution)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (str(self.path), "w"))
+
+
+def test_round_trip(tmp_path: Path, storage: Storage) -> None:
+    samples = make_samples(5)
+    entries = write_shards(samples, str(tmp_path / "shards"), "train", 2, storage, progress=False)
+    assert [Path(e["uri"]).name for e in entries] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    assert [e["n"] for e in entries] == [2, 2, 1]
+    for e in entries:
+        assert e["sha256"] == hashlib.sha256(Path(e["uri"]).read_bytes()).hexdigest()
+    recs = [r for e in entries for r in iter_shard(e["uri"], storage)]
+    assert [r["key"] for r in recs] == [s.key for s in samples]
+    for r, s in zip(recs, samples, strict=True):
+        assert r["image_ext"] == "png"
+        np.testing.assert_array_equal(decode_image(r["image_bytes"]), s.image)
+        assert r["txt"] == s.caption
+        assert r["json"]["caption"] == s.caption
+        assert r["json"]["scene"] == s.meta["scene"] and r["json"]["score"] == 0.5
+        assert r["shard"] in {e["uri"] for e in entries}
+
+
+def test_deterministic_bytes_and_member_layout(tmp_path: Path, storage: Storage) -> None:
+    a = write_shards(make_samples(4), str(tmp_path / "a"), "train", 3, storage, progress=False)
+    b = write_shards(make_samples(4), str(tmp_path / "b"), "train", 3, storage, progress=False)
+    assert [e["sha256"] for e in a] == [e["sha256"] for e in b]
+    c = write_shards(make_samples(4, seed=1), str(tmp_path / "c"), "train", 3, storage, progress=False)
+    assert c[0]["sha256"] != a[0]["sha256"]
+    with tarfile.open(a[0]["uri"]) as tf:
+        members = tf.getmembers()
+    assert [m.name for m in members][:3] == ["train-00000000.png", "train-00000000.json", "train-00000000.txt"]
+    assert all(m.mtime == 0 and m.uid == 0 and m.gid == 0 and m.uname == "" and m.mode == 0o644 for m in members)
+
+
+def test_encoded_jpeg_kept_verbatim(tmp_path: Path, storage: Storage) -> None:
+    img = np.full((16, 16, 3), 120, np.uint8)
+    jpg = encode_image(img, "jpg")
+    s = Sample(key="val-00000000", image=None, caption="grey", encoded=jpg, image_ext="jpeg")
+    (entry,) = write_shards([s], str(tmp_path), "val", 10, storage, progress=False)
+    (rec,) = iter_shard(entry["uri"], storage)
+    assert rec["image_ext"] == "jpg" and rec["image_bytes"] == jpg
+    assert np.abs(decode_image(jpg).astype(int) - 120).max() <= 2
+
+
+def test_write_rejects_bad_input(tmp_path: Path, storage: Storage) -> None:
+    good = make_samples(1)[0]
+    with pytest.raises(ShardError, match="invalid sample key '../x'"):
+        write_shards([Sample(key="../x", image=good.image, caption="c")], str(tmp_path), "t", 2, storage, progress=False)
+    with pytest.raises(ShardError, match="duplicate sample key"):
+        write_shards([good, good], str(tmp_path), "t", 5, storage, progress=False)
+    with pytest.raises(ShardError, match="uint8"):
+        bad = Sample(key="k", image=np.zeros((4, 4), np.float32), caption="c")
+        write_shards([bad], str(tmp_path), "t", 5, storage, progress=False)
+    with pytest.raises(ValueError, match="shard_size"):
+        write_shards([good], str(tmp_path), "t", 0, storage, progress=False)
+    assert write_shards([], str(tmp_path / "empty"), "t", 5, storage, progress=False) == []
+
+
+def test_manifest_round_trip_and_errors(tmp_path: Path, storage: Storage) -> None:
+    entries = write_shards(make_samples(3), str(tmp_path / "s"), "train", 2, storage, progress=False)
+    path = tmp_path / "manifests" / "shards.json"
+    m = write_manifest(path, entries, root=str(tmp_path), extra={"params_hash": "abc"})
+    assert m["num_samples"] == 3 and m["version"] == 1 and m["params_hash"] == "abc"
+    text = path.read_text()
+    assert text == json.dumps(m, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
+    assert read_manifest(path) == m
+    write_manifest(path, entries, root=str(tmp_path), extra={"params_hash": "abc"})
+    assert path.read_text() == text  # deterministic
+
+    with pytest.raises(ManifestError, match="missing.json"):
+        read_manifest(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ManifestError, match="bad.json"):
+        read_manifest(bad)
+    bad.write_text(json.dumps({"version": 1, "root": "x", "shards": [{"uri": "u", "sha256": "zz", "n": 1}]}))
+    with pytest.raises(ManifestError, match=r"bad.json: shards\[0\]"):
+        read_manifest(bad)
+    with pytest.raises(ValueError, match="override"):
+        write_manifest(path, entries, root="r", extra={"shards": []})
+
+
+def test_decode_image_errors() -> None:
+    with pytest.raises(ValueError, match="cannot decode thing.jpg"):
+        decode_image(b"\xff\xd8\xff\xe0 garbage", name="thing.jpg")
+    png = encode_image(np.zeros((32, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match="cannot decode"):
+        decode_image(png[: len(png) // 2])  # truncated
+    with pytest.raises(ValueError, match="empty"):
+        decode_image(b"")
+    grey = io.BytesIO()
+    from PIL import Image
+
+    Image.new("L", (3, 2), 7).save(grey, format="PNG")
+    out = decode_image(grey.getvalue())
+    assert out.shape == (2, 3, 3) and out.dtype == np.uint8 and (out == 7).all()
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("train-00000001.png", ("train-00000001", "png")),
+        ("k.JSON", ("k", "json")),
+        ("../../x", "unsafe"),
+        ("../../x.jpg", "unsafe"),
+        ("/etc/passwd.txt", "unsafe"),
+        ("a\\b.txt", "unsafe"),
+        ("dir/k.jpg", "invalid key 'dir/k'"),
+        ("noext", "no '<key>.<ext>'"),
+        ("bad key.txt", "invalid key"),
+    ],
+)
+def test_split_member_name(name: str, expected: Any) -> None:
+    got = split_member_name(name)
+    if isinstance(expected, tuple):
+        assert got == expected
+    else:
+        assert isinstance(got, str) and expected in got
+
+
+def _evil_shard(path: Path, marker: Path) -> None:
+    good = encode_image(np.zeros((4, 4, 3), np.uint8))
+    with tarfile.open(path, "w") as tf:
+        add_member(tf, "ok-0.png", good)
+        add_member(tf, "ok-0.txt", b"fine")
+        add_member(tf, "evil-1.png", good)
+        add_member(tf, "evil-1.txt", b"evil")
+        add_member(tf, "evil-1.pyd", pickle.dumps(_Payload(marker)))
+        add_member(tf, "evil-2.pickle", pickle.dumps(_Payload(marker)))
+        add_member(tf, "ok-3.png", good)
+        add_member(tf, "ok-3.json", b'{"caption": "c3"}')
+
+
+def test_payload_really_is_malicious(tmp_path: Path) -> None:
+    """Sanity check for the tests below: unpickling the payload does create the file."""
+    marker = tmp_path / "pwned"
+    pickle.loads(pickle.dumps(_Payload(marker)))
+    assert marker.exists()
+
+
+def test_iter_shard_rejects_pickle_members(tmp_path: Path, storage: Storage) -> None:
+    marker = tmp_path / "pwned"
+    shard = tmp_path / "evil.tar"
+    _evil_shard(shard, marker)
+    rejected: list[dict[str, str]] = []
+    keys = [r["key"] for r in iter_shard(str(shard), storage, on_reject=rejected.append)]
+    assert keys == ["ok-0", "ok-3"]
+    assert {r["key"] for r in rejected} == {"evil-1", "evil-2"}
+    assert all("pickle" in r["reason"] and r["source"] == str(shard) for r in rejected)
+    with pytest.raises(ShardError, match=r"evil.tar key 'evil-1': pickle member"):
+        list(iter_shard(str(shard), storage))
+    assert not marker.exists()
+
+
+def test_webdataset_never_unpickles(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    shard = tmp_path / "evil.tar"
+    _evil_shard(shard, marker)
+    recs = list(make_webdataset([str(shard)]))
+    assert [r["key"] for r in recs] == ["ok-0", "ok-3"]
+    assert recs[1]["json"] == {"caption": "c3"} and recs[1]["txt"] is None
+    assert recs[0]["image"].shape == (4, 4, 3)
+    assert not marker.exists()
+
+
+def test_iter_shard_rejects_unsafe_members(tmp_path: Path, storage: Storage) -> None:
+    good = encode_image(np.zeros((4, 4, 3), np.uint8))
+    shard = tmp_path / "unsafe.tar"
+    with tarfile.open(shard, "w") as tf:
+        add_member(tf, "../../x.png", good)
+        add_member(tf, "/abs/y.png", good)
+        add_member(tf, "link.png", b"", kind=tarfile.SYMTYPE, link="/etc/passwd")
+        add_member(tf, "k-1.png", good)
+        add_member(tf, "k-1.txt", b"ok")
+        add_member(tf, "k-2.txt", b"no image")
+        add_member(tf, "k-3.png", good)
+        add_member(tf, "k-3.json", b"[1, 2]")
+        add_member(tf, "k-1.txt", b"again")  # key seen before
+    rejected: list[dict[str, str]] = []
+    recs = list(iter_shard(str(shard), storage, on_reject=rejected.append))
+    assert [r["key"] for r in recs] == ["k-1"]
+    reasons = {r.get("member") or r.get("key"): r["reason"] for r in rejected}
+    assert "unsafe" in reasons["../../x.png"]
+    assert "unsafe" in reasons["/abs/y.png"]
+    assert "not a regular file" in reasons["link.png"]
+    assert "missing image" in reasons["k-2"]
+    assert "not a JSON object" in reasons["k-3"]
+    assert "duplicate key" in reasons["k-1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["unsafe.tar"]  # nothing extracted
+
+
+def test_iter_shard_corrupt_tar_names_shard(tmp_path: Path, storage: Storage) -> None:
+    entries = write_shards(make_samples(2), str(tmp_path), "train", 5, storage, progress=False)
+    data = Path(entries[0]["uri"]).read_bytes()
+    bad = tmp_path / "trunc.tar"
+    bad.write_bytes(data[:700])
+    with pytest.raises(ShardError, match="trunc.tar"):
+        list(iter_shard(str(bad), storage))
+
+
+def test_webdataset_local_file_uris(tmp_path: Path, storage: Storage) -> None:
+    samples = make_samples(5)
+    entries = write_shards(samples, f"file://{tmp_path}/shards", "train", 2, storage, progress=False)
+    assert entries[0]["uri"].startswith("file://")
+    assert wds_url(entries[0]["uri"]) == f"{tmp_path}/shards/train-000000.tar"
+    recs = list(make_webdataset([e["uri"] for e in entries], decode_images=False))
+    assert [r["key"] for r in recs] == [s.key for s in samples]
+    assert "image" not in recs[0] and recs[0]["image_bytes"].startswith(b"\x89PNG")
