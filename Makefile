@@ -8,7 +8,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.miroflow-installed
 # pip prints a harmless warning per missing local index location on this machine; hide those.
-PIPFILTER := grep -v -E "Location '.*' is ignored" || true
+PIPFILTER := { grep -v -E "Location '.*' is ignored" || true; }
 
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1

@@ -147,12 +147,8 @@ def _separated(box: list[float], others: list[list[float]]) -> bool:
     return True
 
 
-def _place(rng: np.random.Generator, sizes: list[float], relation: str | None = None) -> list[list[float]] | None:
-    """Random non-overlapping centres for objects of the given sizes, or None after many tries.
-
-    With ``relation`` (two objects), object 0 must be ``relation`` of object 1 with the offset
-    within 30° of the axis and no second relation, so the caption is unambiguous.
-    """
+def _place(rng: np.random.Generator, sizes: list[float]) -> list[list[float]] | None:
+    """Random centres for objects of the given sizes, bboxes ``GAP`` apart; None after many tries."""
     boxes: list[list[float]] = []
     centres: list[list[float]] = []
     for size in sizes:
@@ -160,19 +156,41 @@ def _place(rng: np.random.Generator, sizes: list[float], relation: str | None = 
         for _ in range(_MAX_TRIES):
             c = [float(rng.uniform(lo, hi)), float(rng.uniform(lo, hi))]
             box = _bbox((c[0], c[1]), size)
-            if not _separated(box, boxes):
-                continue
-            if relation is not None and boxes:
-                off = np.array(c) - np.array(centres[0])  # object 1 relative to object 0
-                para, perp = (abs(off[0]), abs(off[1])) if relation in ("left of", "right of") else (abs(off[1]), abs(off[0]))
-                if perp > 0.577 * para or relations_between(boxes[0], box) != {relation}:
-                    continue
-            boxes.append(box)
-            centres.append(c)
-            break
+            if _separated(box, boxes):
+                boxes.append(box)
+                centres.append(c)
+                break
         else:
             return None
     return centres
+
+
+def _place_pair(rng: np.random.Generator, sizes: list[float], relation: str) -> list[list[float]] | None:
+    """Centres of two objects with object 0 ``relation`` object 1, unambiguously.
+
+    The offset along the relation's axis leaves a ``GAP`` between the bboxes and the offset across
+    it is at most half as long (within 27° of the axis), so exactly one relation holds.
+    """
+    s0, s1 = sizes
+    reach = 1 - 2 * BORDER - (s0 + s1) / 2  # largest centre offset that keeps both in the image
+    para_min = (s0 + s1) / 2 + GAP
+    if reach < para_min:
+        return None
+    para = float(rng.uniform(para_min, reach))
+    perp = float(rng.uniform(-0.5, 0.5)) * para
+    sign = -1.0 if relation in ("left of", "above") else 1.0
+    off = (sign * para, perp) if relation in ("left of", "right of") else (perp, sign * para)  # c0 − c1
+    c1: list[float] = []
+    for axis in (0, 1):
+        lo = max(BORDER + s1 / 2, BORDER + s0 / 2 - off[axis])
+        hi = min(1 - BORDER - s1 / 2, 1 - BORDER - s0 / 2 - off[axis])
+        if lo > hi:
+            return None
+        c1.append(float(rng.uniform(lo, hi)))
+    c0 = [c1[0] + off[0], c1[1] + off[1]]
+    if relations_between(_bbox((c0[0], c0[1]), s0), _bbox((c1[0], c1[1]), s1)) != {relation}:
+        return None
+    return [c0, c1]
 
 
 # ----------------------------------------------------------------------------- scenes
@@ -232,7 +250,7 @@ def sample_scene(rng: np.random.Generator, category: str | None = None, max_obje
     while True:
         hi = MAX_SIZE - 0.02 * (len(attrs) - 1)
         sizes = [float(rng.uniform(MIN_SIZE, hi)) for _ in attrs]
-        centres = _place(rng, sizes, relation)
+        centres = _place(rng, sizes) if relation is None else _place_pair(rng, sizes, relation)
         if centres is not None:
             break
     objects = [

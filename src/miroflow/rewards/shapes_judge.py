@@ -19,11 +19,18 @@ fact against objects detected in the image:
   it is compared with the palette directions ``COLORS[c] - BACKGROUND`` (direction survives
   anti-aliasing, blur and contrast reduction, which scale the difference). Pixels whose direction
   is within ~30° of a palette direction and whose strength exceeds half the image's peak strength
-  are foreground; noisy images are median-filtered first. Connected components per colour
-  (8-connectivity) above a minimum area are objects; the shape comes from the component's fill
-  ratio of its bbox (circle ≈ 0.785, square ≈ 1, triangle ≈ 0.5), the vertical offset of its
-  centroid (a triangle's lies h/6 below the bbox centre) and its diagonal-to-axial extent ratio
-  (≈ 1.41 for a square, 1 for a circle).
+  are foreground; noisy images (robust noise estimate > 0.02) are Gaussian-smoothed first.
+  Connected components per colour (8-connectivity) above a minimum area are objects. The shape
+  comes from the object's *soft mass* (colour strength in a window around the component, so
+  anti-aliasing and blur halos count): its vertical skewness (an apex-up triangle's mass sits low,
+  skew ≈ −0.57; circles and squares 0), the ratio of 4th cumulants along the diagonals vs the axes
+  (square 0.5, circle 1; Gaussian blur adds no 4th cumulant, so this survives blur) and a fill ratio
+  ``area / (max column mass · max row mass)`` (square 1, circle π/4, triangle ½). Relations use the
+  component bboxes.
+
+Measured (``tests/unit/test_shapes_judge.py`` and the issue report): GenEval-style accuracy 1.00 in
+every category on clean 32 px and 64 px renders; ≈ 1.0 under blur σ ≤ 1.5 px, noise std ≤ 0.1 and
+contrast ≥ 0.2 at 32 px; ≤ 0.2 on swapped captions. About 1 ms per 32 px image on one CPU core.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from miroflow.data.shapes import BACKGROUND, COLORS, MIN_SIZE, NUMBER_WORDS, RELATIONS, SHAPES, relations_between
+from miroflow.data.shapes import BACKGROUND, COLORS, MIN_SIZE, NUMBER_WORDS, SHAPES, relations_between
 from miroflow.rewards.base import register_reward
 
 __all__ = [
@@ -220,7 +227,7 @@ _COS_MIN = 0.87  # ≈ 30°: the palette directions are ≥ 37° apart
 _MIN_STRENGTH = 0.1  # absolute floor of the foreground threshold (fraction of full colour)
 _REL_THRESHOLD = 0.5  # foreground = strength above this fraction of the image's peak
 _NOISE_SMOOTH = 0.02  # estimated noise std above which the image is Gaussian-smoothed (σ = 0.8 px)
-_TRIANGLE_SKEW = -0.17  # vertical mass skewness below this = apex-up triangle
+_TRIANGLE_SKEW = -0.1  # vertical mass skewness below this = apex-up triangle
 _EIGHT = np.ones((3, 3), dtype=bool)
 _BIG = 1 << 30
 
