@@ -71,6 +71,26 @@ def prepare(params_file: ParamsFile = Path("params.yaml"), overrides: SetOpt = N
 
 
 @app.command()
+def score(params_file: ParamsFile = Path("params.yaml"), overrides: SetOpt = None) -> None:
+    """Stage score: score every shard with score.rewards; one table per shard (resumable)."""
+    from miroflow.score import run_score
+
+    params = _load(params_file, overrides)
+    m = run_score(params)
+    typer.echo(f"scored {len(m['tables'])} shards, {m['num_rows']} rows; manifest: {params.score.manifest}")
+
+
+@app.command("bin")
+def bin_(params_file: ParamsFile = Path("params.yaml"), overrides: SetOpt = None) -> None:
+    """Stage bin: 64 quantile bins per reward from the score tables (versioned JSON)."""
+    from miroflow.score import run_bin
+
+    params = _load(params_file, overrides)
+    b = run_bin(params)
+    typer.echo(f"bins for {', '.join(b.names)} (hash {b.hash[:12]}); saved to {params.score.bins}")
+
+
+@app.command()
 def demo(params_file: ParamsFile = Path("params.yaml"), overrides: SetOpt = None) -> None:
     """Run every stage on the embedded defaults (the shapes domain) and print where outputs went."""
     from miroflow.prepare import run_prepare
@@ -79,6 +99,13 @@ def demo(params_file: ParamsFile = Path("params.yaml"), overrides: SetOpt = None
     manifest = run_prepare(params)
     typer.echo(f"[prepare] {manifest['num_samples']} samples, {len(manifest['shards'])} shards -> {manifest['root']}")
     typer.echo(f"[prepare] manifest -> {params.data.manifest}")
+
+    from miroflow.score import run_bin, run_score
+
+    scores = run_score(params)
+    typer.echo(f"[score] {scores['num_rows']} rows in {len(scores['tables'])} tables; manifest -> {params.score.manifest}")
+    bins = run_bin(params)
+    typer.echo(f"[bin] {bins.num_bins} bins for {', '.join(bins.names)} -> {params.score.bins}")
 
 
 def main() -> None:  # pragma: no cover - console entry

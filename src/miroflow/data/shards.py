@@ -397,7 +397,10 @@ def iter_tar_groups(
             if f is None:  # pragma: no cover - isfile() members always have data
                 cur_bad = f"member {name!r} has no data"
                 continue
-            cur[ext] = f.read()
+            try:
+                cur[ext] = f.read()
+            except (tarfile.TarError, OSError, EOFError) as err:
+                raise ShardError(f"{shard}: member {name!r} is truncated or unreadable: {err}") from err
         yield from flush()
     finally:
         tf.close()

@@ -12,7 +12,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["Reward", "register_reward", "create_reward", "available_rewards", "RewardNotFound"]
+__all__ = ["Reward", "get_reward_factory", "register_reward", "create_reward", "available_rewards", "RewardNotFound"]
 
 
 @runtime_checkable
@@ -64,6 +64,18 @@ def available_rewards() -> list[str]:
     """Sorted names of all registered rewards."""
     _ensure_builtin()
     return sorted(_REGISTRY)
+
+
+def get_reward_factory(name: str) -> RewardFactory:
+    """The registered factory of ``name`` (to inspect its signature or return class).
+
+    Raises:
+        RewardNotFound: for an unknown name, listing the valid ones.
+    """
+    _ensure_builtin()
+    if name not in _REGISTRY:
+        raise RewardNotFound(f"unknown reward {name!r}; valid rewards: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
 
 
 def create_reward(name: str, **kwargs: Any) -> Reward:

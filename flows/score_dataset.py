@@ -1,0 +1,160 @@
+"""Prefect flow for the score and bin stages (a thin layer over :mod:`miroflow.score`).
+
+``score_dataset`` reads the shard manifest, maps one ``score_shard`` task per shard (URIs and small
+dicts in, small dicts out; never tensors), writes the local score manifest and fits the bins. The
+per-shard tasks run on the flow's task runner; the manifest and bin tasks are called directly, so
+they run in the flow's own process and the local manifests (``score.manifest``, ``score.bins``)
+land on the machine that runs the flow even when shards are scored on Dask workers.
+
+Use :func:`run` to pick the task runner from ``params.score`` at call time:
+``ThreadPoolTaskRunner(max_workers=score.max_workers)`` by default, or prefect-dask's
+``DaskTaskRunner`` (a ``LocalCluster`` of ``score.max_workers`` single-threaded worker processes)
+when ``score.executor`` is ``dask``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger, task, unmapped
+from prefect.client.schemas.objects import TaskRun
+from prefect.states import State
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from miroflow.config import Params, ScoreConfig, StorageConfig, apply_overrides, load_params
+from miroflow.data.shards import read_manifest
+from miroflow.storage import InvalidURIError, NoSuchBucketError, NotFoundError, StorageError, from_config
+
+__all__ = ["score_dataset", "score_shard_task", "write_manifest_task", "bin_task", "is_transient", "make_task_runner", "run"]
+
+#: Delays (s) between the retries of a shard task after a transient storage error.
+RETRY_DELAYS_S = [2, 10, 30]
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is a storage error worth retrying (not a missing object/bucket or a bad URI)."""
+    if isinstance(exc, (NotFoundError, NoSuchBucketError, InvalidURIError)):
+        return False
+    return isinstance(exc, (StorageError, ConnectionError, TimeoutError))
+
+
+def _retry_on_transient(task_: Any, task_run: TaskRun, state: State[Any]) -> bool:
+    """Prefect ``retry_condition_fn``: retry only transient storage errors."""
+    exc = state.data if isinstance(state.data, BaseException) else None
+    if exc is None:
+        try:
+            res = state.result(raise_on_failure=False)
+        except Exception:  # result not retrievable: be conservative
+            return False
+        exc = res if isinstance(res, BaseException) else None
+    return is_transient(exc)
+
+
+@task(
+    name="score_shard",
+    retries=len(RETRY_DELAYS_S),
+    retry_delay_seconds=RETRY_DELAYS_S,
+    retry_condition_fn=_retry_on_transient,
+    task_run_name="score_shard-{shard_uri}",
+)
+def score_shard_task(
+    shard_uri: str, out_uri: str, expected_sha256: str | None, score: dict[str, Any], storage: dict[str, Any]
+) -> dict[str, Any]:
+    """Score one shard into its table (skipped when already up to date).
+
+    Args:
+        shard_uri / out_uri: shard tar and score-table URIs.
+        expected_sha256: the shard's sha256 from the shard manifest.
+        score / storage: ``params.score`` / ``params.storage`` as JSON dicts.
+
+    Returns:
+        :func:`miroflow.score.score_shard`'s small summary dict.
+    """
+    from miroflow.score import load_rewards, score_shard
+
+    cfg = ScoreConfig.model_validate(score)
+    result = score_shard(
+        shard_uri, load_rewards(cfg), out_uri, from_config(StorageConfig.model_validate(storage)),
+        batch_size=cfg.batch_size, progress=False, expected_sha256=expected_sha256,
+    )
+    get_run_logger().info(
+        "shard %s: %s (%d rows, %d failures) -> %s",
+        shard_uri, "up to date" if result["skipped"] else "scored", result["n"], result["failures"], result["uri"],
+    )
+    return result
+
+
+@task(name="write_score_manifest")
+def write_manifest_task(score: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Write the local score manifest from the shard results; returns a small summary."""
+    from miroflow.score import load_rewards, write_score_manifest
+
+    cfg = ScoreConfig.model_validate(score)
+    versions = {r.name: r.version for r in load_rewards(cfg)}
+    manifest = write_score_manifest(cfg.manifest, versions, results)
+    return {"path": cfg.manifest, "tables": len(manifest["tables"]), "num_rows": manifest["num_rows"]}
+
+
+@task(name="bin")
+def bin_task(params: dict[str, Any]) -> dict[str, Any]:
+    """Fit the bins from the score manifest; returns ``{"path", "hash", "rewards": {name: n}}``."""
+    from miroflow.score import run_bin
+
+    p = Params.model_validate(params)
+    binset = run_bin(p)
+    return {"path": p.score.bins, "hash": binset.hash, "rewards": {n: rb.n for n, rb in binset.rewards.items()}}
+
+
+@flow(name="score-dataset", log_prints=True)
+def score_dataset(
+    params_file: str = "params.yaml", overrides: list[str] | None = None, params: Params | None = None
+) -> dict[str, Any]:
+    """Score every shard of the dataset, write the score manifest, then fit the bins.
+
+    Args:
+        params_file: params.yaml to load (ignored when ``params`` is given).
+        overrides: DVC-style ``section.key=value`` overrides applied on top.
+        params: a full typed config (the Prefect UI renders it as a form).
+
+    Returns:
+        ``{"shards": n, "scored": n, "skipped": n, "failures": n, "manifest": {...}, "bins": {...}}``.
+    """
+    p = apply_overrides(params, overrides) if params is not None else load_params(params_file, overrides)
+    from miroflow.score import score_table_uri
+
+    shards = read_manifest(p.data.manifest)["shards"]
+    score_d = p.score.model_dump(mode="json")
+    futures = score_shard_task.map(
+        shard_uri=[s["uri"] for s in shards],
+        out_uri=[score_table_uri(p, s["uri"]) for s in shards],
+        expected_sha256=[s["sha256"] for s in shards],
+        score=unmapped(score_d),
+        storage=unmapped(p.storage.model_dump(mode="json")),
+    )
+    results = [f.result() for f in futures]
+    manifest = write_manifest_task(score_d, results)  # direct calls: run in the flow's process
+    bins = bin_task(p.model_dump(mode="json"))
+    return {
+        "shards": len(results),
+        "scored": sum(1 for r in results if not r["skipped"]),
+        "skipped": sum(1 for r in results if r["skipped"]),
+        "failures": sum(int(r["failures"]) for r in results),
+        "manifest": manifest,
+        "bins": bins,
+    }
+
+
+def make_task_runner(cfg: ScoreConfig) -> Any:
+    """The task runner for shard tasks: threads, or (``executor: dask``) a local Dask cluster."""
+    if cfg.executor == "dask":
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError as err:
+            raise ImportError("score.executor is 'dask' but prefect-dask is not installed (pip install '.[dask]')") from err
+        return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.max_workers, "threads_per_worker": 1})
+    return ThreadPoolTaskRunner(max_workers=cfg.max_workers)
+
+
+def run(params: Params) -> dict[str, Any]:
+    """Run :func:`score_dataset` with the task runner ``params.score`` asks for."""
+    return score_dataset.with_options(task_runner=make_task_runner(params.score))(params=params)
