@@ -91,6 +91,45 @@ def bin_(params_file: ParamsFile = Path("params.yaml"), overrides: SetOpt = None
 
 
 @app.command()
+def embed(params_file: ParamsFile = Path("params.yaml"), overrides: SetOpt = None) -> None:
+    """Stage embed: precompute text embeddings (and VAE latents) as shard sidecars."""
+    from miroflow.embed import embeds_manifest_path, run_embed
+
+    params = _load(params_file, overrides)
+    m = run_embed(params)
+    typer.echo(f"embedded {len(m['sidecars'])} shards; manifest: {embeds_manifest_path(params)}")
+
+
+@app.command()
+def train(
+    params_file: ParamsFile = Path("params.yaml"),
+    overrides: SetOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue exactly from the latest complete checkpoint.")] = False,
+    max_steps: Annotated[int | None, typer.Option("--max-steps", help="Stop after this many steps (for smoke runs).")] = None,
+) -> None:
+    """Stage train: MIRO (or baseline with -S train.rewards=[]) flow matching; MLflow-tracked."""
+    from miroflow.stages import TRAIN_MANIFEST, train_stage
+
+    params = _load(params_file, overrides)
+    out = train_stage(params, resume=resume, max_steps=max_steps)
+    typer.echo(f"trained {out['steps']} steps (loss {out['loss']:.4f}) -> {out['checkpoint']}; manifest: {TRAIN_MANIFEST}")
+
+
+@app.command()
+def evaluate(
+    params_file: ParamsFile = Path("params.yaml"),
+    overrides: SetOpt = None,
+    out: Annotated[str | None, typer.Option("--out", help="Output URI (default <storage.root>/<eval.output>/<run>).")] = None,
+) -> None:
+    """Stage evaluate: generate on a prompt set in GenEval's layout, judge + score, summary.json."""
+    from miroflow.stages import evaluate_stage
+
+    params = _load(params_file, overrides)
+    summary = evaluate_stage(params, out_uri=out)
+    typer.echo(json.dumps({k: summary[k] for k in ("overall", "accuracy", "rewards", "output") if k in summary}, indent=2, default=str))
+
+
+@app.command()
 def demo(params_file: ParamsFile = Path("params.yaml"), overrides: SetOpt = None) -> None:
     """Run every stage on the embedded defaults (the shapes domain) and print where outputs went."""
     from miroflow.prepare import run_prepare

@@ -395,7 +395,7 @@ def run_evaluate(
             if stats["mean"] is not None:
                 metrics[f"eval/reward/{name}"] = stats["mean"]
         tracker.set_tags({"eval.prompt_set": ev.prompt_set, "eval.checkpoint": str(checkpoint), "eval.output": out})
-        tracker.log_metrics(metrics)
+        tracker.log_metrics(metrics, step=spec.step or 0)
         tracker.log_dict(summary, "eval/summary.json")
         if grid is not None:
             tracker.log_image(grid, key="eval/samples", step=spec.step or 0)

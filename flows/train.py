@@ -1,0 +1,48 @@
+"""Prefect flow for the train stage (a thin layer over :func:`miroflow.stages.train_stage`).
+
+One task runs training in the flow's process (DDP runs are launched with ``torchrun`` outside
+Prefect); it returns the final checkpoint URI and a few numbers, never tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, task
+
+from miroflow.config import Params, apply_overrides, load_params
+
+__all__ = ["train_model", "train_task"]
+
+
+@task(name="train")
+def train_task(params: dict[str, Any], resume: bool = False, max_steps: int | None = None) -> dict[str, Any]:
+    """Train one model; returns ``{"checkpoint", "loss", "steps", "wall_time_s", "mlflow_run_id", ...}``."""
+    from miroflow.stages import train_stage
+
+    return train_stage(Params.model_validate(params), resume=resume, max_steps=max_steps)
+
+
+@flow(name="train", log_prints=True)
+def train_model(
+    params_file: str = "params.yaml",
+    overrides: list[str] | None = None,
+    params: Params | None = None,
+    resume: bool = True,
+    max_steps: int | None = None,
+) -> dict[str, Any]:
+    """Train a MIRO model (or the baseline with ``train.rewards=[]``) and register it in MLflow.
+
+    Args:
+        params_file: params.yaml to load (ignored when ``params`` is given).
+        overrides: DVC-style ``section.key=value`` overrides.
+        params: a full typed config (rendered as a form in the Prefect UI).
+        resume: continue from the latest complete checkpoint of ``train.run_name`` if there is one.
+        max_steps: stop early (smoke runs).
+    """
+    p = apply_overrides(params, overrides) if params is not None else load_params(params_file, overrides)
+    return train_task(p.model_dump(mode="json"), resume=resume, max_steps=max_steps)
+
+
+if __name__ == "__main__":
+    train_model()

@@ -1,0 +1,345 @@
+"""Training data: shards + score tables + bins (+ embedding sidecars), indexed and in memory.
+
+For the small domains (shapes, tiny imports) every image is decoded **once** at load time and held
+as ``uint8 [N, H, W, 3]`` (or, with VAE sidecars, raw latents ``float16 [N, C, h, w]``), together
+with per-sample conditioning:
+
+* ``rewards [N, R]`` float32 — for each trained reward the bin-mapped value
+  (:meth:`BinSet.transform_one`) of the score of the *original* caption; NaN = absent (no score,
+  failed scorer, or the key missing from its table).
+* ``syn_rewards [N, R]`` — the same for the *synthetic* caption: prompt-dependent rewards come from
+  ``r@synthetic`` (NaN if that caption could not be scored), image-only rewards (no ``@synthetic``
+  column) repeat the original value. ``None`` when the data has no synthetic captions.
+* ``text`` / ``syn_text``: ``tokens [N, L, D]`` float16, ``mask [N, L]`` bool, ``pooled [N, Dp]``
+  float32, from the embed stage's sidecars when they exist for the encoder spec, otherwise
+  computed here with the (frozen) encoder; ``None`` for the trainable ``learned`` encoder
+  (captions are encoded each step).
+
+Deterministic order (:class:`GlobalBatchOrder`): sample position ``p = step·B + j`` of global step
+``step`` maps to epoch ``e = p // N`` and index ``perm_e[p % N]`` with
+``perm_e = torch.randperm(N, generator=torch.Generator().manual_seed(seed + e))``. It depends only
+on ``(seed, step, N, B)``; rank ``r`` of ``W`` takes ``[r·B/W, (r+1)·B/W)`` of every global batch,
+so the global sample order does not depend on the world size and resuming needs only the step.
+
+Streaming (large datasets) is not implemented here: use
+:func:`miroflow.data.shards.make_webdataset` with ``resampled=True`` and
+``nodesplitter=webdataset.split_by_node``; that path gives up exact resumption.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from miroflow.conditioning import BinSet
+from miroflow.data.shards import decode_image, iter_shard, read_manifest
+from miroflow.storage import Storage
+
+__all__ = [
+    "SYNTHETIC_SUFFIX",
+    "TextArrays",
+    "Batch",
+    "TrainData",
+    "GlobalBatchOrder",
+    "step_seed",
+    "rank_slice",
+    "reward_columns",
+    "load_train_data",
+]
+
+log = logging.getLogger(__name__)
+SYNTHETIC_SUFFIX = "@synthetic"
+
+
+def step_seed(seed: int, step: int, stream: int = 0) -> int:
+    """A 63-bit seed that is a pure function of ``(seed, step, stream)`` (splitmix-style mixing)."""
+    x = (int(seed) * 0x9E3779B97F4A7C15 + int(step) * 0xBF58476D1CE4E5B9 + int(stream) * 0x94D049BB133111EB) % 2**64
+    x ^= x >> 31
+    x = (x * 0xD6E8FEB86659FD93) % 2**64
+    x ^= x >> 29
+    return x % 2**63
+
+
+def rank_slice(global_batch: int, rank: int, world: int) -> slice:
+    """Rows ``[rank·B/W, (rank+1)·B/W)`` of a global batch; ``B`` must be divisible by ``W``."""
+    if global_batch % world:
+        raise ValueError(f"train.batch_size {global_batch} is not divisible by the world size {world}")
+    per = global_batch // world
+    return slice(rank * per, (rank + 1) * per)
+
+
+class GlobalBatchOrder:
+    """Indices of every global batch as a pure function of ``(seed, step, size, batch_size)``."""
+
+    def __init__(self, size: int, batch_size: int, seed: int) -> None:
+        if size < 1:
+            raise ValueError("GlobalBatchOrder: the dataset is empty")
+        self.size, self.batch_size, self.seed = int(size), int(batch_size), int(seed)
+        self._perms: dict[int, Tensor] = {}
+
+    def _perm(self, epoch: int) -> Tensor:
+        if epoch not in self._perms:
+            if len(self._perms) > 4:
+                self._perms.pop(min(self._perms))
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            self._perms[epoch] = torch.randperm(self.size, generator=g)
+        return self._perms[epoch]
+
+    def indices(self, step: int) -> Tensor:
+        """``Tensor[B]`` int64 dataset indices of global step ``step`` (0-based)."""
+        pos = torch.arange(step * self.batch_size, (step + 1) * self.batch_size, dtype=torch.long)
+        epochs, offsets = pos // self.size, pos % self.size
+        out = torch.empty_like(pos)
+        for e in epochs.unique().tolist():
+            sel = epochs == e
+            out[sel] = self._perm(int(e))[offsets[sel]]
+        return out
+
+
+@dataclass
+class TextArrays:
+    """Precomputed text embeddings: ``tokens [N, L, D]`` fp16, ``mask [N, L]`` bool, ``pooled [N, Dp]`` fp32."""
+
+    tokens: Tensor
+    mask: Tensor
+    pooled: Tensor
+
+    def select(self, idx: Tensor) -> "TextArrays":
+        """Rows ``idx``."""
+        return TextArrays(self.tokens[idx], self.mask[idx], self.pooled[idx])
+
+
+@dataclass
+class Batch:
+    """One (micro-)batch of ``b`` samples.
+
+    Attributes:
+        x: ``uint8 [b, H, W, 3]`` images (pixel) or raw ``float16 [b, C, h, w]`` latents (vae).
+        captions: the caption actually used per sample.
+        rewards: ``[b, R]`` float32 conditioning values (NaN = absent).
+        text: precomputed embeddings of ``captions`` or None (learned encoder).
+    """
+
+    x: Tensor
+    captions: list[str]
+    rewards: Tensor
+    text: TextArrays | None
+
+
+@dataclass
+class TrainData:
+    """The in-memory training set (see module docstring for the fields' meaning)."""
+
+    keys: list[str]
+    images: Tensor | None
+    latents: Tensor | None
+    captions: list[str]
+    syn_captions: list[str | None] | None
+    reward_names: list[str]
+    rewards: Tensor
+    syn_rewards: Tensor | None
+    text: TextArrays | None = None
+    syn_text: TextArrays | None = None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def has_synthetic(self) -> bool:
+        """Whether any sample has a synthetic caption."""
+        return self.syn_captions is not None
+
+    def batch(self, idx: Tensor, use_syn: Tensor | None = None) -> Batch:
+        """Gather samples ``idx [b]``; ``use_syn [b]`` bool picks the synthetic caption per sample.
+
+        A sample without a synthetic caption always uses its original one.
+        """
+        idx = idx.long()
+        x = self.images[idx] if self.images is not None else self.latents[idx]  # type: ignore[index]
+        caps = [self.captions[i] for i in idx.tolist()]
+        rew = self.rewards[idx].clone()
+        text = self.text.select(idx) if self.text is not None else None
+        if use_syn is not None and self.syn_captions is not None and bool(use_syn.any()):
+            syn_ok = torch.tensor([self.syn_captions[i] is not None for i in idx.tolist()], dtype=torch.bool)
+            pick = use_syn.bool() & syn_ok
+            for j in torch.nonzero(pick).flatten().tolist():
+                caps[j] = str(self.syn_captions[int(idx[j])])
+            assert self.syn_rewards is not None
+            rew[pick] = self.syn_rewards[idx][pick]
+            if text is not None and self.syn_text is not None:
+                syn = self.syn_text.select(idx)
+                text = TextArrays(
+                    torch.where(pick[:, None, None], syn.tokens, text.tokens),
+                    torch.where(pick[:, None], syn.mask, text.mask),
+                    torch.where(pick[:, None], syn.pooled, text.pooled),
+                )
+        return Batch(x=x, captions=caps, rewards=rew, text=text)
+
+
+def reward_columns(df: Any, name: str, binset: BinSet, table_uri: str) -> tuple[np.ndarray, np.ndarray]:
+    """Bin-mapped ``(original, synthetic)`` conditioning values ``[n]`` of reward ``name`` in a score table.
+
+    Image-only rewards (no ``name@synthetic`` column) return the original values twice.
+    """
+    if name not in df.columns:
+        raise KeyError(f"score table {table_uri} has no column {name!r} (columns: {list(df.columns)})")
+    orig = binset.transform_one(name, df[name].to_numpy(dtype=np.float64))
+    syn_col = f"{name}{SYNTHETIC_SUFFIX}"
+    syn = binset.transform_one(name, df[syn_col].to_numpy(dtype=np.float64)) if syn_col in df.columns else orig
+    return orig, syn
+
+
+def _load_scores(
+    score_manifest: str | Path, reward_names: list[str], binset: BinSet, storage: Storage
+) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """``shard uri -> {key -> (orig [R], syn [R])}`` conditioning rows from every score table."""
+    from miroflow.score import load_score_table
+
+    p = Path(score_manifest)
+    try:
+        manifest = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"score manifest {p} does not exist (run the score stage first)") from None
+    out: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    for t in manifest.get("tables", []):
+        df = load_score_table(t["uri"], storage)
+        cols = [reward_columns(df, n, binset, t["uri"]) for n in reward_names]
+        orig = np.stack([c[0] for c in cols], axis=1) if cols else np.zeros((len(df), 0))
+        syn = np.stack([c[1] for c in cols], axis=1) if cols else np.zeros((len(df), 0))
+        out[t["shard"]] = {str(k): (orig[i], syn[i]) for i, k in enumerate(df["key"].tolist())}
+    return out
+
+
+def _load_sidecar_text(
+    embeds_manifest: Path, spec: str, shards: list[dict[str, Any]], keys: list[str], storage: Storage
+) -> tuple[TextArrays, TextArrays | None, Tensor | None, dict[str, Any]] | None:
+    """Text arrays (+ raw latents) from the embed stage's sidecars, or None if they do not match."""
+    from miroflow.embed import read_sidecar
+
+    if not embeds_manifest.is_file():
+        return None
+    man = json.loads(embeds_manifest.read_text())
+    by_shard = {e["shard"]: e["uri"] for e in man.get("sidecars", [])}
+    if man.get("encoder") != spec or any(s["uri"] not in by_shard for s in shards):
+        return None
+    parts: dict[str, list[Tensor]] = {}
+    side_keys: list[str] = []
+    for s in shards:
+        tensors, meta = read_sidecar(by_shard[s["uri"]], storage)
+        side_keys += json.loads(meta["keys"])
+        for k, v in tensors.items():
+            parts.setdefault(k, []).append(v)
+    pos = {k: i for i, k in enumerate(side_keys)}
+    missing = [k for k in keys if k not in pos]
+    if missing:
+        raise ValueError(f"embedding sidecars in {embeds_manifest} lack key(s) {missing[:5]}; rerun the embed stage")
+    idx = torch.tensor([pos[k] for k in keys], dtype=torch.long)
+    cat = {k: torch.cat(v)[idx] for k, v in parts.items()}
+    text = TextArrays(cat["tokens"], cat["mask"], cat["pooled"])
+    syn = TextArrays(cat["syn_tokens"], cat["syn_mask"], cat["syn_pooled"]) if "syn_tokens" in cat else None
+    return text, syn, cat.get("latents"), man
+
+
+def load_train_data(
+    shard_manifest: str | Path,
+    storage: Storage,
+    reward_names: list[str],
+    binset: BinSet | None = None,
+    score_manifest: str | Path | None = None,
+    text_encoder: Any | None = None,
+    text_spec: str | None = None,
+    embeds_manifest: str | Path | None = None,
+    latent: str = "pixel",
+) -> TrainData:
+    """Load every shard of ``shard_manifest`` into memory with its conditioning.
+
+    Args:
+        reward_names: trained rewards (column order of ``rewards``); ``[]`` = baseline (no scores read).
+        binset: bins holding every reward of ``reward_names`` (required when non-empty).
+        score_manifest: local score manifest (required when ``reward_names`` is non-empty).
+        text_encoder: a frozen encoder to precompute embeddings with when no matching sidecars
+            exist; ``None`` (or the ``learned`` encoder) leaves ``text`` empty.
+        text_spec: the encoder spec sidecars must record to be used.
+        embeds_manifest: the embed stage's local manifest (optional).
+        latent: ``"pixel"`` keeps decoded images; ``"vae"`` requires latent sidecars.
+
+    Raises:
+        KeyError: a reward of ``reward_names`` is not in the bins (names it and the valid ones).
+    """
+    if reward_names:
+        if binset is None or score_manifest is None:
+            raise ValueError("load_train_data: rewards need a binset and a score manifest")
+        unknown = [n for n in reward_names if n not in binset.rewards]
+        if unknown:
+            raise KeyError(f"train.rewards: {unknown} not in the bins (bins have: {binset.names})")
+    shards = read_manifest(shard_manifest)["shards"]
+    scores = _load_scores(score_manifest, reward_names, binset, storage) if reward_names else {}  # type: ignore[arg-type]
+    keys: list[str] = []
+    images: list[np.ndarray] = []
+    caps: list[str] = []
+    syns: list[str | None] = []
+    rows: list[np.ndarray] = []
+    syn_rows: list[np.ndarray] = []
+    nan_row = np.full(len(reward_names), np.nan)
+    n_unscored = 0
+    from miroflow.embed import record_captions
+
+    for s in tqdm(shards, desc="load train data", unit="shard"):
+        table = scores.get(s["uri"], {})
+        if reward_names and not table:
+            log.warning("shard %s has no score table; its rewards are absent (NaN)", s["uri"])
+        for rec in iter_shard(s["uri"], storage):
+            try:
+                img = decode_image(rec["image_bytes"], name=f"{s['uri']} key {rec['key']!r}") if latent == "pixel" else None
+            except ValueError as err:
+                log.warning("skipping undecodable sample: %s", err)
+                continue
+            cap, syn = record_captions(rec)
+            orig, srow = table.get(rec["key"], (nan_row, nan_row))
+            n_unscored += rec["key"] not in table
+            keys.append(rec["key"])
+            if img is not None:
+                images.append(img)
+            caps.append(cap)
+            syns.append(syn)
+            rows.append(orig)
+            syn_rows.append(srow)
+    if not keys:
+        raise ValueError(f"no usable samples in the shards of {shard_manifest}")
+    if reward_names and n_unscored:
+        log.warning("%d of %d samples have no scores (rewards absent)", n_unscored, len(keys))
+    has_syn = any(s is not None for s in syns)
+    data = TrainData(
+        keys=keys,
+        images=torch.from_numpy(np.stack(images)) if images else None,
+        latents=None,
+        captions=caps,
+        syn_captions=syns if has_syn else None,
+        reward_names=list(reward_names),
+        rewards=torch.from_numpy(np.stack(rows).astype(np.float32)).reshape(len(keys), len(reward_names)),
+        syn_rewards=torch.from_numpy(np.stack(syn_rows).astype(np.float32)).reshape(len(keys), len(reward_names)) if has_syn else None,
+    )
+    side = None
+    if embeds_manifest is not None and text_spec is not None:
+        side = _load_sidecar_text(Path(embeds_manifest), text_spec, shards, keys, storage)
+    if side is not None:
+        data.text, data.syn_text, data.latents = side[0], side[1], side[2]
+    elif text_encoder is not None and not isinstance(text_encoder, torch.nn.Module):
+        from miroflow.embed import encode_captions
+
+        t = encode_captions(text_encoder, caps)
+        data.text = TextArrays(t["tokens"], t["mask"], t["pooled"])
+        if has_syn:
+            s2 = encode_captions(text_encoder, [s if s is not None else c for c, s in zip(caps, syns)])
+            data.syn_text = TextArrays(s2["tokens"], s2["mask"], s2["pooled"])
+    if latent == "vae" and data.latents is None:
+        raise ValueError("train.latent 'vae' needs latent sidecars: run the embed stage with train.latent=vae first")
+    return data

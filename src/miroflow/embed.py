@@ -1,0 +1,278 @@
+"""Stage embed (optional): text-embedding sidecars (and VAE latents) for every shard.
+
+Layout (docs/architecture.md, "Text-embedding sidecars")::
+
+    <root>/embeds/<data-hash>/<encoder-slug>/<shard-stem>.safetensors
+        tokens      [N, L, D]  float16   (zero where mask is False)
+        mask        [N, L]     bool
+        pooled      [N, Dp]    float32
+        syn_tokens / syn_mask / syn_pooled      only when the shard has synthetic captions
+        latents     [N, C, h, w] float16        only for train.latent == "vae" (raw, un-normalised)
+      metadata: keys (JSON list), encoder (spec), max_length, vae (path or ""),
+                latent_sum / latent_sumsq (JSON [C] float64), latent_count (int) for vae
+    <root>/embeds/<data-hash>/<encoder-slug>/latent_stats.json     per-channel {"mean","std",...} (vae)
+
+Row ``i`` belongs to the ``i``-th key of the shard in order. Idempotent: a sidecar whose header
+already records the same encoder spec, max_length and VAE is not recomputed (only its header is
+read). Sidecars are written in one ``Storage.write_bytes`` (atomic), so a half-written one is never
+visible. The local manifest ``<dir of data.manifest>/embeds.json`` lists them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import struct
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from miroflow.config import Params
+from miroflow.data.shards import decode_image, iter_shard, read_manifest
+from miroflow.models.text import TextEncoder
+from miroflow.storage import Storage, from_config, join_uri
+
+__all__ = [
+    "EMBED_FORMAT",
+    "encoder_slug",
+    "embeds_prefix",
+    "embeds_manifest_path",
+    "sidecar_uri",
+    "read_sidecar_header",
+    "read_sidecar",
+    "encode_captions",
+    "record_captions",
+    "embed_shard",
+    "run_embed",
+]
+
+log = logging.getLogger(__name__)
+EMBED_FORMAT = 1
+
+
+def encoder_slug(spec: str) -> str:
+    """Filesystem-safe name of an encoder spec: ``minilm`` → ``minilm``; ``t5:/a/b`` → ``t5-b-<hash8>``."""
+    if ":" not in spec:
+        return re.sub(r"[^A-Za-z0-9_.-]+", "-", spec)
+    kind, arg = spec.split(":", 1)
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{kind}-{PurePosixPath(arg).name}")
+    return f"{base.strip('-')}-{hashlib.sha256(spec.encode()).hexdigest()[:8]}"
+
+
+def embeds_prefix(params: Params) -> str:
+    """``<root>/embeds/<data-hash>/<encoder-slug>``."""
+    from miroflow.prepare import data_hash
+
+    return join_uri(params.storage.root, "embeds", data_hash(params.data), encoder_slug(params.train.text_encoder))
+
+
+def embeds_manifest_path(params: Params) -> Path:
+    """Local manifest of the embed stage: ``embeds.json`` next to ``data.manifest``."""
+    return Path(params.data.manifest).parent / "embeds.json"
+
+
+def sidecar_uri(params: Params, shard_uri: str) -> str:
+    """Sidecar URI of one shard (``<prefix>/<shard-stem>.safetensors``)."""
+    stem = PurePosixPath(shard_uri.rstrip("/")).name
+    stem = stem[: -len(".tar")] if stem.endswith(".tar") else stem
+    return join_uri(embeds_prefix(params), f"{stem}.safetensors")
+
+
+def read_sidecar_header(uri: str, storage: Storage) -> dict[str, Any] | None:
+    """The safetensors ``__metadata__`` of a sidecar (reads only the header), or ``None`` if absent.
+
+    Raises:
+        ValueError: the object exists but is not a safetensors file (names the URI).
+    """
+    if not storage.exists(uri):
+        return None
+    f = storage.open_read(uri)
+    try:
+        head = f.read(8)
+        if len(head) != 8:
+            raise ValueError(f"sidecar {uri} is truncated (no safetensors header)")
+        (n,) = struct.unpack("<Q", head)
+        if n > 100_000_000:
+            raise ValueError(f"sidecar {uri}: implausible safetensors header size {n}")
+        header = json.loads(f.read(n).decode("utf-8"))
+    finally:
+        f.close()
+    meta = header.get("__metadata__") or {}
+    return {str(k): str(v) for k, v in meta.items()}
+
+
+def read_sidecar(uri: str, storage: Storage) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load all tensors and the metadata of a sidecar."""
+    from safetensors.torch import load
+
+    data = storage.read_bytes(uri)
+    tensors = load(data)
+    n = struct.unpack("<Q", data[:8])[0]
+    meta = json.loads(data[8 : 8 + n].decode("utf-8")).get("__metadata__") or {}
+    return tensors, {str(k): str(v) for k, v in meta.items()}
+
+
+@torch.no_grad()
+def encode_captions(encoder: TextEncoder, captions: list[str], batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """Encode captions with a frozen encoder, each distinct caption once.
+
+    Returns:
+        ``tokens [N, L, D]`` float16, ``mask [N, L]`` bool, ``pooled [N, Dp]`` float32 (CPU).
+    """
+    uniq = list(dict.fromkeys(captions))
+    where = {c: i for i, c in enumerate(uniq)}
+    toks, masks, pools = [], [], []
+    for i in range(0, len(uniq), batch_size):
+        emb = encoder.encode(uniq[i : i + batch_size])
+        toks.append(emb.tokens.detach().to("cpu", torch.float16))
+        masks.append(emb.mask.detach().to("cpu", torch.bool))
+        pools.append(emb.pooled.detach().to("cpu", torch.float32))
+    if not uniq:
+        raise ValueError("encode_captions: no captions")
+    idx = torch.tensor([where[c] for c in captions], dtype=torch.long)
+    return {
+        "tokens": torch.cat(toks)[idx].contiguous(),
+        "mask": torch.cat(masks)[idx].contiguous(),
+        "pooled": torch.cat(pools)[idx].contiguous(),
+    }
+
+
+def record_captions(rec: dict[str, Any]) -> tuple[str, str | None]:
+    """``(original caption, synthetic caption or None)`` of a shard record.
+
+    The original caption is the ``.txt`` member (falling back to ``json["caption"]``).
+    Raises ValueError naming the shard and key when there is no caption at all.
+    """
+    meta = rec.get("json") or {}
+    cap = rec.get("txt")
+    if not cap:
+        cap = meta.get("caption")
+    if not isinstance(cap, str) or not cap:
+        raise ValueError(f"shard {rec.get('shard')} key {rec.get('key')!r}: no caption (.txt or json caption)")
+    syn = (meta.get("captions") or {}).get("synthetic") if isinstance(meta.get("captions"), dict) else None
+    return cap, syn if isinstance(syn, str) and syn else None
+
+
+def _images_tensor(recs: list[dict[str, Any]]) -> torch.Tensor:
+    """Decode shard records to ``[N, 3, H, W]`` float32 in [0, 1]."""
+    arrs = [decode_image(r["image_bytes"], name=f"{r['shard']} key {r['key']!r}") for r in recs]
+    return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float() / 255.0
+
+
+def embed_shard(
+    shard_uri: str,
+    out_uri: str,
+    encoder: TextEncoder,
+    spec: str,
+    storage: Storage,
+    vae: Any | None = None,
+    vae_spec: str = "",
+    batch_size: int = 64,
+) -> dict[str, Any]:
+    """Write (or skip) the sidecar of one shard.
+
+    Args:
+        vae: a :class:`~miroflow.models.vae.VAECodec` for latent sidecars, or None.
+
+    Returns:
+        ``{"shard", "uri", "n", "skipped", "latent_sum", "latent_sumsq", "latent_count"}``.
+    """
+    from safetensors.torch import save
+
+    want = {"encoder": spec, "max_length": str(encoder.max_length), "vae": vae_spec, "format": str(EMBED_FORMAT)}
+    head = read_sidecar_header(out_uri, storage)
+    if head is not None and all(head.get(k) == v for k, v in want.items()):
+        entry: dict[str, Any] = {"shard": shard_uri, "uri": out_uri, "n": len(json.loads(head["keys"])), "skipped": True}
+        for k in ("latent_sum", "latent_sumsq", "latent_count"):
+            if k in head:
+                entry[k] = json.loads(head[k])
+        return entry
+    recs = list(iter_shard(shard_uri, storage))
+    if not recs:
+        raise ValueError(f"shard {shard_uri} has no samples to embed")
+    caps = [record_captions(r) for r in recs]
+    tensors = encode_captions(encoder, [c for c, _ in caps])
+    syns = [s for _, s in caps]
+    if any(s is not None for s in syns):
+        syn = encode_captions(encoder, [s if s is not None else c for c, s in caps])
+        tensors.update({f"syn_{k}": v for k, v in syn.items()})
+    meta = dict(want, keys=json.dumps([r["key"] for r in recs]))
+    entry = {"shard": shard_uri, "uri": out_uri, "n": len(recs), "skipped": False}
+    if vae is not None:
+        lats = [vae.encode_raw(_images_tensor(recs[i : i + batch_size])).cpu() for i in range(0, len(recs), batch_size)]
+        z = torch.cat(lats).double()
+        entry.update(
+            latent_sum=z.sum(dim=(0, 2, 3)).tolist(),
+            latent_sumsq=(z * z).sum(dim=(0, 2, 3)).tolist(),
+            latent_count=int(z.shape[0] * z.shape[2] * z.shape[3]),
+        )
+        tensors["latents"] = z.to(torch.float16).contiguous()
+        meta.update({k: json.dumps(entry[k]) for k in ("latent_sum", "latent_sumsq", "latent_count")})
+    storage.write_bytes(out_uri, save(tensors, metadata=meta))
+    return entry
+
+
+def _latent_stats(entries: list[dict[str, Any]], vae_spec: str) -> dict[str, Any]:
+    """Per-channel population mean/std from the per-shard sums (float64)."""
+    s = np.sum([e["latent_sum"] for e in entries], axis=0)
+    sq = np.sum([e["latent_sumsq"] for e in entries], axis=0)
+    n = float(sum(e["latent_count"] for e in entries))
+    mean = s / n
+    std = np.sqrt(np.maximum(sq / n - mean * mean, 1e-12))
+    return {"mean": mean.tolist(), "std": std.tolist(), "channels": len(mean), "source": f"fit:{int(n)}", "vae": vae_spec}
+
+
+def run_embed(params: Params, storage: Storage | None = None) -> dict[str, Any]:
+    """Stage embed: sidecars for every shard of ``data.manifest``; writes ``manifests/embeds.json``.
+
+    Uses ``train.text_encoder`` (must be a frozen encoder: ``learned`` trains with the denoiser and
+    has nothing to precompute) and, for ``train.latent == "vae"``, ``train.vae``.
+
+    Returns:
+        The manifest ``{"version", "encoder", "max_length", "data_hash", "latent", "vae",
+        "latent_stats_uri", "sidecars": [{"shard", "uri", "n"}]}``.
+    """
+    from miroflow.models import create_codec, create_text_encoder
+    from miroflow.prepare import data_hash
+
+    storage = storage or from_config(params.storage)
+    spec = params.train.text_encoder
+    if spec == "learned":
+        raise ValueError("train.text_encoder: 'learned' is trained with the denoiser; there is nothing to embed")
+    shards = read_manifest(params.data.manifest)["shards"]
+    device = "cuda" if params.train.device == "auto" and torch.cuda.is_available() else ("cpu" if params.train.device == "auto" else params.train.device)
+    encoder = create_text_encoder(spec, device=device)
+    vae = None
+    vae_spec = ""
+    if params.train.latent == "vae":
+        if not params.train.vae:
+            raise ValueError("train.vae: required when train.latent is 'vae'")
+        vae, vae_spec = create_codec("vae", params.train.vae, device=device), params.train.vae
+    entries = [
+        embed_shard(s["uri"], sidecar_uri(params, s["uri"]), encoder, spec, storage, vae=vae, vae_spec=vae_spec)
+        for s in tqdm(shards, desc="embed shards", unit="shard")
+    ]
+    stats_uri = None
+    if vae is not None:
+        stats_uri = join_uri(embeds_prefix(params), "latent_stats.json")
+        stats = _latent_stats(entries, vae_spec)
+        storage.write_bytes(stats_uri, (json.dumps(stats, indent=2) + "\n").encode())
+    manifest = {
+        "version": EMBED_FORMAT,
+        "encoder": spec,
+        "max_length": int(encoder.max_length),
+        "data_hash": data_hash(params.data),
+        "latent": params.train.latent,
+        "vae": params.train.vae if vae is not None else None,
+        "latent_stats_uri": stats_uri,
+        "sidecars": [{"shard": e["shard"], "uri": e["uri"], "n": int(e["n"])} for e in entries],
+    }
+    path = embeds_manifest_path(params)
+    Storage(retries=0).write_bytes(str(path), (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    log.info("embedded %d shard(s), %d already up to date", len(entries), sum(e["skipped"] for e in entries))
+    return manifest
