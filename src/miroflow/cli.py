@@ -130,6 +130,26 @@ def evaluate(
 
 
 @app.command()
+def sweep(params_file: ParamsFile = Path("params.yaml"), overrides: SetOpt = None) -> None:
+    """Stage sweep: ω grid, one reward's target grid and best-of-N; MLflow parent + child runs, plots."""
+    from miroflow.stages import sweep_stage
+
+    params = _load(params_file, overrides)
+    doc = sweep_stage(params)
+    typer.echo(f"sweep: {len(doc.get('points', []))} points -> {doc.get('output')}; manifest: manifests/sweep.json")
+
+
+@app.command()
+def tts(params_file: ParamsFile = Path("params.yaml"), overrides: SetOpt = None) -> None:
+    """Best-of-N test-time scaling: select by sweep.select_by, report every reward for N in sweep.best_of_n."""
+    from miroflow.stages import tts_stage
+
+    params = _load(params_file, overrides)
+    res = tts_stage(params)
+    typer.echo(json.dumps({k: res[k] for k in ("select_by", "ns", "output") if k in res}, indent=2, default=str))
+
+
+@app.command()
 def demo(
     params_file: ParamsFile = Path("params.yaml"),
     overrides: SetOpt = None,

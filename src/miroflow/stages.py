@@ -14,7 +14,7 @@ from typing import Any
 
 from miroflow.config import Params
 
-__all__ = ["train_stage", "evaluate_stage", "TRAIN_MANIFEST"]
+__all__ = ["train_stage", "evaluate_stage", "sweep_stage", "tts_stage", "TRAIN_MANIFEST"]
 
 #: Local manifest of the train stage (DVC out): final checkpoint URI, loss, steps, MLflow run id.
 TRAIN_MANIFEST = "manifests/train.json"
@@ -68,3 +68,26 @@ def evaluate_stage(params: Params, out_uri: str | None = None, manifest: str | N
         Path(manifest).parent.mkdir(parents=True, exist_ok=True)
         Path(manifest).write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
     return summary
+
+
+def sweep_stage(params: Params, manifest: str | None = "manifests/sweep.json") -> dict[str, Any]:
+    """ω, reward-target and best-of-N sweeps (``miroflow sweep``): one parent MLflow run, one child per point.
+
+    Returns:
+        The sweep document (points with their metrics, plot paths, output URI).
+    """
+    from miroflow.sweep import run_sweep
+
+    doc = run_sweep(params)
+    if manifest:
+        Path(manifest).parent.mkdir(parents=True, exist_ok=True)
+        Path(manifest).write_text(json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
+    return doc
+
+
+def tts_stage(params: Params) -> dict[str, Any]:
+    """Best-of-N test-time scaling (``miroflow tts``) for one checkpoint, tracked in MLflow."""
+    from miroflow.tts import run_tts
+
+    with _tracking(params, f"tts-{params.train.run_name}", {"stage": "tts"}) as tracker:
+        return run_tts(params, tracker=tracker)

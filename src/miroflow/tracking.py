@@ -409,7 +409,7 @@ class MlflowTracker:
             self.client.log_batch(self.run_id, params=items[i : i + _PARAMS_PER_BATCH], synchronous=True)
         log.debug("mlflow run %s: logged %d params", self.run_id, len(items))
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         """Log scalar metrics at ``step`` in one batch (tensors/numpy scalars are converted with ``float``)."""
         from mlflow.entities import Metric
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from uuid import UUID
 
@@ -13,24 +11,6 @@ import pytest
 from miroflow.config import Params
 from miroflow.prepare import run_prepare
 from miroflow.score import clear_reward_cache, load_score_table
-
-# ``flows/`` is a top-level package of the repository (not installed): import it from the repo root,
-# ahead of ``tests/flows`` (a namespace directory that would otherwise shadow it).
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-if "flows" in sys.modules and getattr(sys.modules["flows"], "__file__", None) is None:
-    del sys.modules["flows"]
-
-
-@pytest.fixture(scope="session")
-def prefect_server() -> Iterator[None]:
-    """A temporary Prefect API + database for this test session."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
 
 def _params(tmp: Path, executor: str = "thread") -> Params:
     return Params.model_validate({
