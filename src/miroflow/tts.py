@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from miroflow.config import Params
-from miroflow.evaluate import EvalTracker, generate, judge_images, resolve_checkpoint, sample_seed, score_images
+from miroflow.evaluate import EvalTracker, _default_device, generate, judge_images, resolve_checkpoint, sample_seed, score_images
 from miroflow.prompts import PromptItem, load_prompt_set
 from miroflow.storage import Storage, join_uri
 
@@ -386,12 +386,6 @@ def _png(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def tts_with_images(

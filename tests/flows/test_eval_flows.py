@@ -7,12 +7,9 @@ from pathlib import Path
 from uuid import UUID
 
 import pytest
-import torch
 
+from tests.tiny_models import tiny_random_pipeline
 from miroflow.config import Params
-from miroflow.models import LearnedTokenEncoder, PixelCodec, create_denoiser
-from miroflow.pipeline import MiroPipeline
-from miroflow.prompts import load_prompt_set
 
 REWARDS = ["sharpness", "contrast", "shapes_alignment"]
 DIM = 32
@@ -21,17 +18,7 @@ DIM = 32
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A tiny random pipeline saved in the documented layout (miro.json + denoiser/ + text_encoder/)."""
-    torch.manual_seed(0)
-    den = create_denoiser("tiny", REWARDS, text_dim=DIM, pooled_dim=DIM, num_layers=2)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in den.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.2)
-    caps = [it.prompt for it in load_prompt_set("shapes:1")]
-    enc = LearnedTokenEncoder.from_captions(caps, dim=DIM, num_layers=1, num_heads=2, max_length=16)
-    pipe = MiroPipeline(denoiser=den.eval(), text_encoder=enc.eval(), vae=PixelCodec(),
-                        spec={"text_encoder": "learned", "text_max_length": 16, "resolution": 32,
-                              "reward_names": REWARDS, "run_name": "flowmodel", "step": 11})
+    pipe = tiny_random_pipeline(REWARDS, "flowmodel", 11)
     out = tmp_path_factory.mktemp("ckpt") / "final"
     pipe.save_pretrained(out)
     assert (out / "miro.json").is_file()

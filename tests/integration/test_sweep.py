@@ -7,12 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
+from tests.tiny_models import tiny_random_pipeline
 from miroflow.config import Params
-from miroflow.models import LearnedTokenEncoder, PixelCodec, create_denoiser
 from miroflow.pipeline import MiroPipeline
-from miroflow.prompts import load_prompt_set
 from miroflow.sweep import plan_points, run_sweep
 
 REWARDS = ["sharpness", "contrast", "shapes_alignment"]
@@ -20,19 +18,7 @@ DIM = 32
 
 
 def _pipe(rewards: list[str] = REWARDS) -> MiroPipeline:
-    torch.manual_seed(0)
-    den = create_denoiser("tiny", rewards, text_dim=DIM, pooled_dim=DIM, num_layers=2)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in den.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.2)
-    caps = [it.prompt for it in load_prompt_set("shapes:1")]
-    enc = LearnedTokenEncoder.from_captions(caps, dim=DIM, num_layers=1, num_heads=2, max_length=16)
-    p = MiroPipeline(denoiser=den.eval(), text_encoder=enc.eval(), vae=PixelCodec(),
-                     spec={"text_encoder": "learned", "text_max_length": 16, "resolution": 32,
-                           "reward_names": rewards, "run_name": "tiny-sweep", "step": 3})
-    p.set_progress_bar_config(disable=True)
-    return p
+    return tiny_random_pipeline(rewards, "tiny-sweep", 3)
 
 
 def _params(root: Path, experiment: str, **sweep: object) -> Params:

@@ -9,14 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from miroflow.config import Params
 from miroflow.evaluate import generate, sample_seed
-from miroflow.models import LearnedTokenEncoder, PixelCodec, create_denoiser
 from miroflow.pipeline import MiroPipeline
 from miroflow.prompts import load_prompt_set
 from miroflow.rewards.base import RewardNotFound
+from tests.tiny_models import tiny_random_pipeline
 from miroflow.tts import best_of_n, compute_cost, generate_candidates, judge_arrays, run_tts
 
 REWARDS = ["sharpness", "contrast", "shapes_alignment"]
@@ -27,19 +26,7 @@ STEPS = 3
 @pytest.fixture(scope="module")
 def pipe() -> MiroPipeline:
     """A tiny random MIRO pipeline whose samples vary in compressibility and judge score."""
-    torch.manual_seed(0)
-    den = create_denoiser("tiny", REWARDS, text_dim=DIM, pooled_dim=DIM, num_layers=2)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in den.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.2)
-    caps = [it.prompt for it in load_prompt_set("shapes:1")]
-    enc = LearnedTokenEncoder.from_captions(caps, dim=DIM, num_layers=1, num_heads=2, max_length=16)
-    p = MiroPipeline(denoiser=den.eval(), text_encoder=enc.eval(), vae=PixelCodec(),
-                     spec={"text_encoder": "learned", "text_max_length": 16, "resolution": 32,
-                           "reward_names": REWARDS, "run_name": "tiny-tts", "step": 7})
-    p.set_progress_bar_config(disable=True)
-    return p
+    return tiny_random_pipeline(REWARDS, "tiny-tts", 7)
 
 
 def _params(root: Path, **sweep: object) -> Params:
