@@ -187,6 +187,13 @@ def demo(
         b = summaries["demo-baseline"]["rewards"][r]["mean"]
         m = summaries["demo-miro"]["rewards"][r]["mean"]
         typer.echo(f"    {r:18s} {b:.3f}  {m:.3f}")
+    from miroflow.stages import sweep_stage
+
+    sp = apply_overrides(params, ["train.run_name=demo-miro", "eval.num_prompts=12", "eval.images_per_prompt=2",
+                                  "eval.steps=20", "sweep.guidance_scales=[0, 0.5]", "sweep.target_values=[0, 0.5, 1]",
+                                  "sweep.best_of_n=[1, 2, 4]"])
+    doc = sweep_stage(sp, manifest="manifests/sweep-demo-miro.json")
+    typer.echo(f"[sweep] demo-miro: {len(doc['points'])} points (ω, {sp.sweep.target_reward} target, best-of-N) -> {doc['output']}")
     typer.echo("[demo] browse runs: mlflow ui --backend-store-uri sqlite:///work/mlflow.db")
 
 

@@ -246,7 +246,7 @@ def run_train(params: Params, storage: Storage | None = None, tracker: Tracker |
 
     def checkpoint(uri: str) -> None:
         ema.copy_to(ema_net.parameters())
-        ts = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+        ts = {"step": step, "last_loss": float(loss_val), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
               "ema": {k: v for k, v in ema.state_dict().items() if k != "shadow_params"},
               "rng": {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})},
               "data": {"step": step, "samples_seen": step * tp.batch_size, "dataset_size": len(data)}}
@@ -263,7 +263,7 @@ def run_train(params: Params, storage: Storage | None = None, tracker: Tracker |
     reward_cache: dict[str, Any] = {}
     stop = min(tp.steps, max_steps if max_steps is not None else tp.steps)
     losses: list[float] = []
-    loss_val = float("nan")
+    loss_val = float(state.train_state.get("last_loss", float("nan"))) if state is not None else float("nan")
     bar = tqdm(total=stop, initial=step, desc=f"train {tp.run_name}", unit="step", disable=not main)
     while step < stop:
         ts0 = time.time()
