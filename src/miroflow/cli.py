@@ -154,15 +154,16 @@ def study(
     params_file: ParamsFile = Path("params.yaml"),
     overrides: SetOpt = None,
     quick: Annotated[bool, typer.Option("--quick", help="Smoke-test size (mechanics only, ~10 min).")] = False,
-    out: Annotated[Path, typer.Option("--out", help="Where results.md and figures/ are written.")] = Path("docs"),
+    out: Annotated[Path | None, typer.Option("--out", help="Where results.md and figures/ go (default: docs, or work/study/quick with --quick).")] = None,
     study_file: Annotated[Path, typer.Option("--study", help="Study settings (runs, sizes, grids).")] = Path("study.yaml"),
 ) -> None:
     """The MIRO-vs-baseline study in miniature: data, scores, 7 trainings, curves, TTS, sweeps, report."""
     from miroflow.study import run_study
 
     params = _load(params_file, overrides)
-    doc = run_study(params, size="quick" if quick else "default", out_dir=out, study_config=study_file)
-    typer.echo(f"study written to {doc.get('results', out / 'results.md')}")
+    out_dir = out or (Path("work/study/quick") if quick else Path("docs"))
+    doc = run_study(params, size="quick" if quick else "default", out_dir=out_dir, study_config=study_file)
+    typer.echo(f"study written to {doc.get('results', out_dir / 'results.md')}")
 
 
 @app.command()
