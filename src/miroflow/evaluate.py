@@ -261,6 +261,20 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def ensure_pipeline(params: Params, storage: Storage, pipeline: "MiroPipeline | None" = None) -> tuple["MiroPipeline", str | None]:
+    """The given pipeline, or the one loaded from ``eval.checkpoint`` / the latest checkpoint of
+    ``train.run_name``; progress bars off. Returns ``(pipeline, checkpoint URI or None)``."""
+    from miroflow.pipeline import load_pipeline
+
+    if pipeline is None:
+        checkpoint = resolve_checkpoint(params, storage)
+        pipeline = load_pipeline(checkpoint, storage=storage, device=_default_device())
+    else:
+        checkpoint = params.eval.checkpoint
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline, checkpoint
+
+
 # --------------------------------------------------------------------------- the stage
 def run_evaluate(
     params: Params,
@@ -291,18 +305,11 @@ def run_evaluate(
         resolved for the model), ``checkpoint``, ``prompt_set``, ``steps``, ``seed``,
         ``images_per_prompt``, ``output``, ``model``.
     """
-    from miroflow.pipeline import load_pipeline
     from miroflow.storage import from_config
 
     ev = params.eval
     st = storage or from_config(params.storage)
-    checkpoint: str | None
-    if pipeline is None:
-        checkpoint = resolve_checkpoint(params, st)
-        pipeline = load_pipeline(checkpoint, storage=st, device=_default_device())
-    else:
-        checkpoint = ev.checkpoint
-    pipeline.set_progress_bar_config(disable=True)
+    pipeline, checkpoint = ensure_pipeline(params, st, pipeline)
     spec = pipeline.spec
     run_label = spec.run_name or "model"
     out = out_uri or join_uri(params.storage.root, ev.output, run_label)

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from miroflow.config import Params
-from miroflow.evaluate import EvalTracker, _default_device, generate, judge_images, resolve_checkpoint, sample_seed, score_images
+from miroflow.evaluate import EvalTracker, ensure_pipeline, generate, judge_images, sample_seed, score_images
 from miroflow.prompts import PromptItem, load_prompt_set
 from miroflow.storage import Storage, join_uri
 
@@ -397,7 +397,6 @@ def tts_with_images(
 ) -> tuple[dict[str, Any], np.ndarray]:
     """:func:`run_tts` that also returns the selected images ``[len(ns), P, H, W, 3]`` uint8."""
     from miroflow import plots
-    from miroflow.pipeline import load_pipeline
     from miroflow.rewards.base import get_reward_factory
     from miroflow.storage import from_config
 
@@ -413,13 +412,7 @@ def tts_with_images(
     if bad:
         raise ValueError(f"sweep.best_of_n: N must be >= 1, got {bad}")
     n_max = max(sw.best_of_n)
-    checkpoint: str | None
-    if pipeline is None:
-        checkpoint = resolve_checkpoint(params, st)
-        pipeline = load_pipeline(checkpoint, storage=st, device=_default_device())
-    else:
-        checkpoint = ev.checkpoint
-    pipeline.set_progress_bar_config(disable=True)
+    pipeline, checkpoint = ensure_pipeline(params, st, pipeline)
     spec = pipeline.spec
     run_label = spec.run_name or params.train.run_name
     out = out_uri or join_uri(params.storage.root, sw.output, run_label, "tts")
