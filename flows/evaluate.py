@@ -15,7 +15,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
-from miroflow.config import Params, apply_overrides, load_params
+from miroflow.config import Params, resolve_params
 
 __all__ = ["evaluate", "evaluate_model_task", "small_summary"]
 
@@ -68,5 +68,5 @@ def evaluate(
     Returns:
         :func:`small_summary` of the evaluation.
     """
-    p = apply_overrides(params, overrides) if params is not None else load_params(params_file, overrides)
+    p = resolve_params(params_file, overrides, params)
     return evaluate_model_task(p.model_dump(mode="json"), run_name=p.train.run_name)

@@ -14,7 +14,7 @@ from prefect import flow, get_run_logger, task
 from flows.evaluate import evaluate_model_task
 from flows.score_dataset import score_dataset
 from flows.train import train_task
-from miroflow.config import Params, apply_overrides, load_params
+from miroflow.config import Params, apply_overrides, resolve_params
 
 __all__ = ["miro_pipeline", "prepare_task", "embed_task"]
 
@@ -49,7 +49,7 @@ def miro_pipeline(
     The MIRO run is ``train.run_name``; the baseline is ``<train.run_name>-baseline``
     (``train.rewards=[]``, otherwise identical params).
     """
-    p = apply_overrides(params, overrides) if params is not None else load_params(params_file, overrides)
+    p = resolve_params(params_file, overrides, params)
     log = get_run_logger()
     data = prepare_task(p.model_dump(mode="json"))
     log.info("prepared %s samples in %s shards -> %s", data["num_samples"], data["shards"], data["root"])

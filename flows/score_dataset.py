@@ -21,7 +21,7 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from miroflow.config import Params, ScoreConfig, StorageConfig, apply_overrides, load_params
+from miroflow.config import Params, ScoreConfig, StorageConfig, resolve_params
 from miroflow.data.shards import read_manifest
 from miroflow.storage import InvalidURIError, NoSuchBucketError, NotFoundError, StorageError, from_config
 
@@ -119,7 +119,7 @@ def score_dataset(
     Returns:
         ``{"shards": n, "scored": n, "skipped": n, "failures": n, "manifest": {...}, "bins": {...}}``.
     """
-    p = apply_overrides(params, overrides) if params is not None else load_params(params_file, overrides)
+    p = resolve_params(params_file, overrides, params)
     from miroflow.score import score_table_uri
 
     shards = read_manifest(p.data.manifest)["shards"]

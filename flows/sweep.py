@@ -13,7 +13,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
-from miroflow.config import Params, apply_overrides, load_params
+from miroflow.config import Params, resolve_params
 
 __all__ = ["sweep", "tts", "sweep_task", "tts_task"]
 
@@ -58,7 +58,7 @@ def tts_task(params: dict[str, Any], run_name: str) -> dict[str, Any]:
 
 
 def _load(params_file: str, overrides: list[str] | None, params: Params | None) -> Params:
-    return apply_overrides(params, overrides) if params is not None else load_params(params_file, overrides)
+    return resolve_params(params_file, overrides, params)
 
 
 @flow(name="sweep", log_prints=True)

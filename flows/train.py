@@ -10,7 +10,7 @@ from typing import Any
 
 from prefect import flow, task
 
-from miroflow.config import Params, apply_overrides, load_params
+from miroflow.config import Params, resolve_params
 
 __all__ = ["train_model", "train_task"]
 
@@ -40,7 +40,7 @@ def train_model(
         resume: continue from the latest complete checkpoint of ``train.run_name`` if there is one.
         max_steps: stop early (smoke runs).
     """
-    p = apply_overrides(params, overrides) if params is not None else load_params(params_file, overrides)
+    p = resolve_params(params_file, overrides, params)
     return train_task(p.model_dump(mode="json"), resume=resume, max_steps=max_steps)
 
 

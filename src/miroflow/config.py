@@ -28,6 +28,7 @@ __all__ = [
     "parse_overrides",
     "apply_overrides",
     "format_validation_error",
+    "resolve_params",
 ]
 
 
@@ -277,3 +278,8 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
         return Params.model_validate(raw)
     except ValidationError as err:
         raise ParamsError(source, format_validation_error(err)) from None
+
+
+def resolve_params(params_file: str | Path | None, overrides: list[str] | None, params: Params | None = None) -> Params:
+    """Flow/CLI parameter resolution: a given ``params`` object plus overrides, else the file plus overrides."""
+    return apply_overrides(params, overrides) if params is not None else load_params(params_file, overrides)
