@@ -11,12 +11,13 @@ About 3–4 minutes on a loaded 2-core machine, hence ``slow``.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from miroflow.config import ParamsError, apply_overrides, load_params
-from miroflow.study import StudyConfig, load_study_config, run_study, speedup
+from miroflow.study import StudyConfig, _choose_threads, budget_line, load_study_config, run_study, speedup
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -50,6 +51,24 @@ def test_study_yaml_is_valid_and_strict(tmp_path: Path) -> None:
         load_study_config(bad)
 
 
+def test_thread_choice_ignores_the_studys_own_load() -> None:
+    cores = os.cpu_count() or 1
+    assert _choose_threads(3) == 3 and _choose_threads(0) == 1  # explicit settings win, at least one thread
+    # whatever the machine's load, the part this process put there itself never forces one thread
+    assert _choose_threads("auto", own_load=1e9) == cores
+
+
+def test_budget_line_and_bad_budget(tmp_path: Path) -> None:
+    assert "**met**" in budget_line(41.94, 60) and "41.9 min" in budget_line(41.94, 60)
+    assert "**NOT met**" in budget_line(60.5, 60)
+    cfg = load_study_config(REPO / "study.yaml")
+    assert cfg.sizes["default"].budget_min == 60 and cfg.sizes["quick"].budget_min == 10  # the limits
+    bad = tmp_path / "study.yaml"
+    bad.write_text("study:\n  sizes:\n    default:\n      budget_min: -5\n")
+    with pytest.raises(ParamsError, match="budget_min"):
+        load_study_config(bad)
+
+
 # --------------------------------------------------------------------------- end to end
 @pytest.mark.slow
 def test_quick_study_end_to_end_and_resume(tmp_path: Path) -> None:
@@ -68,7 +87,7 @@ def test_quick_study_end_to_end_and_resume(tmp_path: Path) -> None:
     for section in ("## Claims", "## Setup and compute", "## Final comparison", "## Convergence and speed-up",
                     "## Test-time scaling: best-of-N", "## Reward-target and guidance sweeps", "## Samples"):
         assert section in md
-    assert "Quick size" in md and "cores" in md
+    assert "Quick size" in md and "cores" in md and "Budget:" in md
     figs = {p.name for p in (out / "figures").glob("*.png")}
     assert {"convergence.png", "best_of_n.png", "target_sweep.png", "guidance_sweep.png", "samples.png"} <= figs
     for name in figs:
