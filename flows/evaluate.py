@@ -43,7 +43,7 @@ def evaluate_model_task(params: dict[str, Any], run_name: str) -> dict[str, Any]
         :func:`small_summary` (output URI, summary/results URIs, accuracy, reward means, MLflow run id).
     """
     from miroflow.evaluate import run_evaluate
-    from miroflow.sweep import StepDefaultTracker, optional_run
+    from miroflow.tracking import StepDefaultTracker, optional_run
 
     p = Params.model_validate(params)
     with optional_run(p, f"eval-{run_name}", tags={"stage": "evaluate"}) as tracker:

@@ -40,7 +40,7 @@ def sweep_task(params: dict[str, Any], run_name: str) -> dict[str, Any]:
 def tts_task(params: dict[str, Any], run_name: str) -> dict[str, Any]:
     """Best-of-N of one model; returns ``{"output", "tts_json", "ns", "select_by", "curves", "mlflow_run_id"}``."""
     from miroflow.storage import join_uri
-    from miroflow.sweep import StepDefaultTracker, optional_run
+    from miroflow.tracking import StepDefaultTracker, optional_run
     from miroflow.tts import run_tts
 
     p = Params.model_validate(params)

@@ -7,6 +7,12 @@ Output (any storage URI, GenEval's layout so GenEval's own evaluator can read it
     <out>/results.jsonl                 one line per image (see :func:`run_evaluate`)
     <out>/summary.json                  per-category accuracy, overall, reward means/stds, setup
     <out>/grid.png                      first image of up to 16 prompts (a quick look)
+    <out>/_progress/chunk-NNNNNNN.json  rows of each finished chunk while the call runs (removed at the end)
+
+Resume: an interrupted call (crash, kill, storage outage) leaves its finished chunks under
+``_progress/``; the next call with the same fingerprint (settings, prompts, chunking and a
+checksum of the model's weights, :func:`eval_fingerprint`) reuses them and generates only the
+rest. A finished evaluation removes its progress, so rerunning it evaluates afresh.
 
 Seeds: image ``j`` of prompt ``i`` starts from noise drawn by its own CPU generator seeded with
 :func:`sample_seed` ``(eval.seed, i, j)``, so an image never depends on the batch it was
@@ -21,6 +27,7 @@ hold). Per-category accuracy is the mean of ``correct`` over judged images of th
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -48,6 +55,7 @@ __all__ = [
     "judge_images",
     "resolve_checkpoint",
     "run_evaluate",
+    "eval_fingerprint",
 ]
 
 log = logging.getLogger(__name__)
@@ -325,9 +333,20 @@ def run_evaluate(
     rows: list[dict[str, Any]] = []
     grid_images: list[np.ndarray] = []
     chunk = max(ev.batch_size, 1)
+    fingerprint = eval_fingerprint(pipeline, checkpoint, ev, reward_names, items, chunk)
+    progress = join_uri(out, "_progress")
+    reused = 0
     log.info("evaluate: %d prompts x %d images -> %s", len(items), ev.images_per_prompt, out)
     for start in range(0, len(jobs), chunk):
         part = jobs[start : start + chunk]
+        done = _load_chunk(st, join_uri(progress, f"chunk-{start:07d}.json"), fingerprint, len(part))
+        if done is not None:  # resumed: this chunk was generated and scored by an interrupted earlier call
+            rows.extend(done)
+            reused += len(done)
+            for r in done:
+                if r["sample_index"] == 0 and len(grid_images) < 16:
+                    grid_images.append(np.asarray(Image.open(io.BytesIO(st.read_bytes(join_uri(out, r["path"])))).convert("RGB")))
+            continue
         prompts = [items[i].prompt for i, _ in part]
         seeds = [sample_seed(ev.seed, i, j) for i, j in part]
         images = generate(
@@ -361,6 +380,11 @@ def run_evaluate(
             for name in reward_names:
                 row[name] = _clean(scores[name][k])
             rows.append(row)
+        chunk_rows = rows[-len(part):]
+        st.write_bytes(join_uri(progress, f"chunk-{start:07d}.json"),
+                       json.dumps({"fingerprint": fingerprint, "rows": chunk_rows}).encode())
+    if reused:
+        log.info("evaluate: resumed, %d of %d images reused from %s", reused, len(jobs), progress)
 
     summary = _summarize(rows, reward_names)
     summary.update(
@@ -393,6 +417,8 @@ def run_evaluate(
     if grid is not None:
         st.write_bytes(join_uri(out, "grid.png"), _png(grid))
     st.write_bytes(join_uri(out, "summary.json"), (json.dumps(summary, indent=2) + "\n").encode())
+    for uri in st.list(progress):  # finished: a later call evaluates afresh (the model may have changed)
+        st.delete(uri)
 
     if tracker is not None:
         metrics: dict[str, float] = {f"eval/{tag}": acc for tag, acc in summary["accuracy"].items()}
@@ -407,6 +433,34 @@ def run_evaluate(
         if grid is not None:
             tracker.log_image(grid, key="eval/samples", step=spec.step or 0)
     return summary
+
+
+def eval_fingerprint(pipeline: "MiroPipeline", checkpoint: str | None, ev: Any, reward_names: Sequence[str],
+                     items: Sequence[PromptItem], chunk: int) -> str:
+    """sha256 of everything that decides an evaluation's rows: settings, prompts, chunking and a
+    checksum of the pipeline's weights (so a retrained checkpoint at the same URI is never resumed)."""
+    with torch.no_grad():
+        weights = [float(sum(p.detach().double().sum().item() for p in m.parameters()))  # type: ignore[attr-defined]
+                   for m in (pipeline.denoiser, pipeline.text_encoder) if isinstance(m, torch.nn.Module)]
+    doc = {"checkpoint": checkpoint, "weights": weights, "prompts": [(it.tag, it.prompt) for it in items],
+           "images_per_prompt": ev.images_per_prompt, "seed": ev.seed, "steps": ev.steps, "guidance_scale": ev.guidance_scale,
+           "reward_targets": dict(ev.reward_targets), "negative_reward_targets": dict(ev.negative_reward_targets),
+           "rewards": list(reward_names), "chunk": chunk}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _load_chunk(st: Storage, uri: str, fingerprint: str, n: int) -> list[dict[str, Any]] | None:
+    """The rows of a finished chunk of an interrupted call with the same fingerprint, else ``None``."""
+    if not st.exists(uri):
+        return None
+    try:
+        doc = json.loads(st.read_bytes(uri))
+    except (ValueError, UnicodeDecodeError):
+        log.warning("evaluate: unreadable progress file %s; that chunk is redone", uri)
+        return None
+    if doc.get("fingerprint") != fingerprint or len(doc.get("rows", [])) != n:
+        return None
+    return list(doc["rows"])
 
 
 def _summarize(rows: list[dict[str, Any]], reward_names: list[str]) -> dict[str, Any]:

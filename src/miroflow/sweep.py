@@ -41,6 +41,7 @@ from miroflow.config import Params
 from miroflow.evaluate import resolve_checkpoint, run_evaluate
 from miroflow.prompts import load_prompt_set
 from miroflow.storage import Storage, join_uri
+from miroflow.tracking import StepDefaultTracker, optional_run
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -48,7 +49,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from miroflow.pipeline import MiroPipeline
     from miroflow.tracking import MlflowTracker
 
-__all__ = ["SweepPoint", "StepDefaultTracker", "optional_run", "plan_points", "run_sweep"]
+__all__ = ["SweepPoint", "plan_points", "run_sweep"]
 
 log = logging.getLogger(__name__)
 
@@ -60,42 +61,6 @@ class SweepPoint(dict):  # type: ignore[type-arg]
     """One point of the sweep: ``kind`` (guidance | target | best_of_n), ``name``, ``x`` (the swept
     value), ``guidance_scale``, ``reward_targets`` (overrides of ``eval.reward_targets``) and ``n``
     (best-of-N only). A plain dict (JSON-safe)."""
-
-
-class StepDefaultTracker:
-    """Adapter giving ``log_metrics``/``log_image`` a default ``step`` (0) over a tracker that needs one.
-
-    :func:`miroflow.evaluate.run_evaluate` calls ``tracker.log_metrics(metrics)`` without a step,
-    while :class:`miroflow.tracking.MlflowTracker.log_metrics` requires it; everything else is
-    forwarded unchanged.
-    """
-
-    def __init__(self, tracker: Any, step: int = 0) -> None:
-        self._t = tracker
-        self._step = int(step)
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        """Forward with ``step`` (default: the adapter's step)."""
-        self._t.log_metrics(metrics, step=self._step if step is None else int(step))
-
-    def log_image(self, image: np.ndarray, key: str, step: int | None = None) -> None:
-        """Forward with ``step`` (default: the adapter's step)."""
-        self._t.log_image(image, key=key, step=self._step if step is None else int(step))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._t, name)
-
-
-@contextmanager
-def optional_run(params: Params, run_name: str, tags: dict[str, str] | None = None) -> Iterator["MlflowTracker | None"]:
-    """An MLflow run (:func:`miroflow.tracking.start_run`) when ``tracking.enabled``, else ``None``."""
-    if not params.tracking.enabled:
-        yield None
-        return
-    from miroflow.tracking import start_run
-
-    with start_run(params, run_name=run_name, tags=tags) as tracker:
-        yield tracker
 
 
 def _fmt(v: float) -> str:

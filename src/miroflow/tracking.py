@@ -60,6 +60,8 @@ __all__ = [
     "default_artifact_location",
     "start_run",
     "child_run",
+    "optional_run",
+    "StepDefaultTracker",
     "flatten_params",
     "redact",
     "redact_text",
@@ -629,6 +631,40 @@ def child_run(
 
 #: Files copied from a checkpoint directory into the registered model artifact.
 _MODEL_FILE_SUFFIXES = (".safetensors", ".json")
+
+
+class StepDefaultTracker:
+    """Adapter giving ``log_metrics``/``log_image`` a default ``step`` (0) over a tracker that needs one.
+
+    :func:`miroflow.evaluate.run_evaluate` calls ``tracker.log_metrics(metrics)`` without a step,
+    while :class:`miroflow.tracking.MlflowTracker.log_metrics` requires it; everything else is
+    forwarded unchanged.
+    """
+
+    def __init__(self, tracker: Any, step: int = 0) -> None:
+        self._t = tracker
+        self._step = int(step)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Forward with ``step`` (default: the adapter's step)."""
+        self._t.log_metrics(metrics, step=self._step if step is None else int(step))
+
+    def log_image(self, image: np.ndarray, key: str, step: int | None = None) -> None:
+        """Forward with ``step`` (default: the adapter's step)."""
+        self._t.log_image(image, key=key, step=self._step if step is None else int(step))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._t, name)
+
+
+@contextmanager
+def optional_run(params: Params, run_name: str, tags: dict[str, str] | None = None) -> Iterator[MlflowTracker | None]:
+    """An MLflow run (:func:`miroflow.tracking.start_run`) when ``tracking.enabled``, else ``None``."""
+    if not params.tracking.enabled:
+        yield None
+        return
+    with start_run(params, run_name=run_name, tags=tags) as tracker:
+        yield tracker
 
 
 def _copy_checkpoint(src: str | Path, dst: Path) -> int:

@@ -207,3 +207,52 @@ def test_pipeline_save_and_load_through_s3(s3_bucket: str, pipe: MiroPipeline) -
         pipe(["a red circle"], generator=torch.Generator().manual_seed(1), **kw).images,
         loaded(["a red circle"], generator=torch.Generator().manual_seed(1), **kw).images,
     )
+
+
+class FailingStorage(Storage):
+    """Real local storage whose disk 'fills up' after ``budget`` sample PNGs (an interrupted evaluation)."""
+
+    def __init__(self, budget: int) -> None:
+        super().__init__(retries=0)
+        self.budget = budget
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        if "/samples/" in uri:
+            if self.budget <= 0:
+                raise OSError(28, "No space left on device", uri)
+            self.budget -= 1
+        super().write_bytes(uri, data)
+
+
+def test_interrupted_evaluation_resumes_finished_chunks(tmp_path: Path, pipe: MiroPipeline) -> None:
+    # 6 prompts x 2 images in chunks of 4: the outage hits the 3rd chunk (after 9 PNGs)
+    params = _params(tmp_path / "store", prompt_set="shapes:1", num_prompts=6)
+    ref = run_evaluate(params, pipeline=pipe, out_uri=str(tmp_path / "ref"))
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="No space left"):
+        run_evaluate(params, pipeline=pipe, storage=FailingStorage(budget=9), out_uri=str(out))
+    progress = sorted(p.name for p in (out / "_progress").iterdir())
+    assert progress == ["chunk-0000000.json", "chunk-0000004.json"]  # two finished chunks kept
+    first = {p: p.stat().st_mtime_ns for p in out.glob("*/samples/*.png")}
+
+    summary = run_evaluate(params, pipeline=pipe, out_uri=str(out))
+    after = {p: p.stat().st_mtime_ns for p in out.glob("*/samples/*.png")}
+    kept = [p for p in first if after[p] == first[p]]
+    assert len(kept) == 8  # the 8 images of the two finished chunks were not generated again
+    assert len(after) == 12 and not list((out / "_progress").glob("*"))  # progress removed once finished
+    assert (out / "results.jsonl").read_text() == (tmp_path / "ref" / "results.jsonl").read_text()
+    assert summary["accuracy"] == ref["accuracy"] and summary["rewards"] == ref["rewards"]
+
+
+def test_progress_of_other_settings_or_garbage_is_not_reused(tmp_path: Path, pipe: MiroPipeline) -> None:
+    params = _params(tmp_path / "store", prompt_set="shapes:1", num_prompts=5)
+    out = tmp_path / "out"
+    with pytest.raises(OSError):  # chunks 0 and 4 finish, chunk 8 fails
+        run_evaluate(params, pipeline=pipe, storage=FailingStorage(budget=8), out_uri=str(out))
+    assert (out / "_progress" / "chunk-0000004.json").exists()
+    (out / "_progress" / "chunk-0000000.json").write_text("{not json")  # corrupt progress file
+    other = _params(tmp_path / "store", prompt_set="shapes:1", num_prompts=5, seed=4)  # different sampling seed
+    summary = run_evaluate(other, pipeline=pipe, out_uri=str(out))
+    fresh = run_evaluate(other, pipeline=pipe, out_uri=str(tmp_path / "fresh"))
+    assert (out / "results.jsonl").read_text() == (tmp_path / "fresh" / "results.jsonl").read_text()
+    assert summary["seed"] == 4

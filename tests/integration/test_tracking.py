@@ -184,6 +184,21 @@ def test_metrics_by_step(client: MlflowClient) -> None:
     assert [m.value for m in rew] == pytest.approx([0.0, 0.1, 0.2])
 
 
+def test_optional_run_and_step_default_tracker(client: MlflowClient) -> None:
+    with T.optional_run(_params(tracking={"enabled": False}), "off") as none:
+        assert none is None  # tracking disabled: no run, no server call
+    with T.optional_run(_params(), "on", tags={"stage": "evaluate"}) as tracker:
+        assert tracker is not None
+        wrapped = T.StepDefaultTracker(tracker, step=7)
+        wrapped.log_metrics({"eval/overall": 0.5})  # no step: the adapter's default
+        wrapped.log_metrics({"eval/overall": 0.25}, step=9)
+        assert wrapped.run_id == tracker.run_id  # everything else is forwarded
+        run_id = tracker.run_id
+    hist = sorted(client.get_metric_history(run_id, "eval/overall"), key=lambda m: m.step)
+    assert [(m.step, m.value) for m in hist] == [(7, 0.5), (9, 0.25)]
+    assert client.get_run(run_id).data.tags["stage"] == "evaluate"
+
+
 def test_metrics_from_many_threads(client: MlflowClient) -> None:
     with T.start_run(_params(), run_name="threads") as tracker:
         def work(i: int) -> None:
