@@ -60,6 +60,7 @@ __all__ = [
     "default_artifact_location",
     "start_run",
     "child_run",
+    "absolute_uri",
     "optional_run",
     "StepDefaultTracker",
     "flatten_params",
@@ -270,6 +271,19 @@ def resolve_tracking_uri(cfg: TrackingConfig | None = None) -> str:
     return f"sqlite:///{work / 'mlflow.db'}"
 
 
+def absolute_uri(uri: str) -> str:
+    """``uri`` with a relative local path made absolute; ``s3://``/``file://`` URIs unchanged."""
+    from miroflow.storage import InvalidURIError, parse_uri
+
+    try:
+        p = parse_uri(uri)
+    except InvalidURIError:
+        return uri
+    if p.kind == "file" and not p.file_scheme and p.path is not None and not p.path.is_absolute():
+        return str(p.path.resolve())
+    return uri
+
+
 def _safe_uri(uri: str) -> str:
     return redact_text(uri)
 
@@ -460,9 +474,10 @@ class MlflowTracker:
         """Record a checkpoint: tags ``checkpoint_uri``/``checkpoint_step`` and ``checkpoints.json``.
 
         ``checkpoints.json`` lists every checkpoint recorded by this tracker: ``{"checkpoints":
-        [{"step", "uri"}], "latest": uri}``.
+        [{"step", "uri"}], "latest": uri}``. A relative local path is recorded as an absolute one
+        (:func:`absolute_uri`), so the URI still works from another working directory.
         """
-        safe = redact_text(str(uri))
+        safe = redact_text(absolute_uri(str(uri)))
         with self._lock:
             self._checkpoints = [c for c in self._checkpoints if c["step"] != int(step)]
             self._checkpoints.append({"step": int(step), "uri": safe})

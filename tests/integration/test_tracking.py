@@ -270,6 +270,19 @@ def test_checkpoint_uri_recorded(client: MlflowClient) -> None:
     ]
 
 
+def test_relative_checkpoint_paths_are_recorded_absolute(client: MlflowClient, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with T.start_run(_params(), run_name="ckpt-rel") as tracker:
+        tracker.log_checkpoint("work/runs/x/checkpoints/step-00000010", step=10)
+        tracker.log_checkpoint("file:///data/runs/x/final", step=20)  # a URI with a scheme stays as given
+        run_id = tracker.run_id
+    data = json.loads(Path(client.download_artifacts(run_id, "checkpoints.json")).read_text())
+    assert [c["uri"] for c in data["checkpoints"]] == [str(tmp_path / "work/runs/x/checkpoints/step-00000010"),
+                                                       "file:///data/runs/x/final"]
+    assert T.absolute_uri("s3://bucket/k") == "s3://bucket/k" and T.absolute_uri("s3:/bad") == "s3:/bad"
+
+
 def _fake_final_checkpoint(root: Path) -> Path:
     from safetensors.numpy import save_file
 
