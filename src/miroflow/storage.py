@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import logging
 import os
 import re
@@ -204,6 +205,82 @@ def _error_code(exc: Exception) -> tuple[str, int]:
     return code, status
 
 
+class _ResumingS3Reader(io.RawIOBase):
+    """S3 object stream that resumes after a mid-stream connection drop (see :meth:`Storage.open_read`)."""
+
+    def __init__(self, storage: "Storage", uri: str, p: "ParsedURI") -> None:
+        super().__init__()
+        self._st, self._uri, self._p = storage, uri, p
+        self.pos = 0  # bytes delivered so far
+        self.resumes = 0  # how many times the stream was re-opened mid-object
+        resp = storage._s3_call(uri, p, "read", lambda: storage._client().get_object(Bucket=p.bucket, Key=p.key))
+        self._etag: str = resp.get("ETag", "")
+        self._size = int(resp.get("ContentLength", -1))
+        self._body: Any = resp["Body"]
+
+    def readable(self) -> bool:
+        return True
+
+    def _reopen(self) -> None:
+        p = self._p
+
+        def get() -> Any:
+            kw: dict[str, Any] = {"Bucket": p.bucket, "Key": p.key, "Range": f"bytes={self.pos}-"}
+            if self._etag:
+                kw["IfMatch"] = self._etag
+            try:
+                return self._st._client().get_object(**kw)["Body"]
+            except Exception as e:
+                code, status = _error_code(e)
+                if code == "PreconditionFailed" or status == 412:
+                    raise StorageError(f"{self._uri} was replaced while being read (at byte {self.pos}); "
+                                       "read it again from the start", self._uri) from e
+                raise
+
+        with contextlib.suppress(Exception):
+            self._body.close()
+        self._body = self._st._s3_call(self._uri, p, "resume reading", get)
+
+    def readinto(self, buf: Any) -> int:
+        from botocore.exceptions import BotoCoreError
+        from urllib3.exceptions import HTTPError as Urllib3Error
+
+        view = memoryview(buf).cast("B")
+        attempt = 0
+        while True:
+            try:
+                data = self._body.read(len(view))
+            except (BotoCoreError, Urllib3Error, ConnectionError, TimeoutError) as e:
+                if attempt >= self._st.retries:
+                    raise StorageError(f"cannot read {self._uri}: connection dropped at byte {self.pos} of "
+                                       f"{self._size} after {attempt + 1} attempt(s): {type(e).__name__}", self._uri) from e
+                delay = self._st.backoff_s * (2**attempt)
+                attempt += 1
+                log.warning("stream of %s dropped at byte %d (%s); resuming %d/%d in %.2fs",
+                            self._uri, self.pos, type(e).__name__, attempt, self._st.retries, delay)
+                time.sleep(delay)
+                self._reopen()
+                self.resumes += 1
+                continue
+            n = len(data)
+            if n == 0 and 0 <= self.pos < self._size:  # a silently short body: resume like a drop
+                if attempt >= self._st.retries:
+                    raise StorageError(f"cannot read {self._uri}: stream ended at byte {self.pos} of {self._size}", self._uri)
+                attempt += 1
+                self._reopen()
+                self.resumes += 1
+                continue
+            view[:n] = data
+            self.pos += n
+            return n
+
+    def close(self) -> None:
+        if not self.closed:
+            with contextlib.suppress(Exception):
+                self._body.close()
+        super().close()
+
+
 class _AtomicS3Writer:
     """File object that spools writes locally and uploads on successful close (one object, atomically)."""
 
@@ -304,8 +381,10 @@ class Storage:
     def open_read(self, uri: str) -> BinaryIO:
         """Open ``uri`` for streaming reads. The caller closes the returned file object.
 
-        For local files this is a regular binary file; for S3 it is the response's
-        ``StreamingBody`` (``read(n)`` only, no ``seek``).
+        For local files this is a regular binary file; for S3 a read-only stream (``read(n)``, no
+        ``seek``) that survives a dropped connection: it re-requests the rest of the object from
+        the byte it reached (``Range``, pinned to the first response's ETag so a replaced object is
+        an error, never a splice), up to ``retries`` times per drop with backoff.
         """
         p = parse_uri(uri)
         if p.kind == "file":
@@ -317,8 +396,7 @@ class Storage:
             except OSError as e:
                 raise StorageError(f"cannot open {uri}: {e.strerror or e}", uri) from e
         self._require_key(uri, p)
-        body = self._s3_call(uri, p, "read", lambda: self._client().get_object(Bucket=p.bucket, Key=p.key)["Body"])
-        return cast(BinaryIO, body)
+        return cast(BinaryIO, _ResumingS3Reader(self, uri, p))
 
     @contextlib.contextmanager
     def open_write(self, uri: str) -> Iterator[BinaryIO]:
