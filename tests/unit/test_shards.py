@@ -270,3 +270,56 @@ def test_webdataset_local_file_uris(tmp_path: Path, storage: Storage) -> None:
     recs = list(make_webdataset([e["uri"] for e in entries], decode_images=False))
     assert [r["key"] for r in recs] == [s.key for s in samples]
     assert "image" not in recs[0] and recs[0]["image_bytes"].startswith(b"\x89PNG")
+
+
+# --------------------------------------------------------------------------- the lean tar reader
+def _tar_bytes(fmt: int, members: list[tuple[str, bytes, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tf:
+        for name, data, kind in members:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            if kind == tarfile.SYMTYPE:
+                info.linkname = "../../etc/passwd"
+            info.size = len(data) if kind == tarfile.REGTYPE else 0
+            tf.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_lean_reader_matches_tarfile(fmt: int) -> None:
+    from miroflow.data.shards import _iter_tar
+
+    long_dir = "d" * 120  # ustar: split into prefix/name; GNU: ././@LongLink; pax: path record
+    members = [("k0.png", b"\x89PNG" * 100, tarfile.REGTYPE), ("k0.txt", b"", tarfile.REGTYPE),
+               (f"{long_dir}/k1.txt", b"x" * 513, tarfile.REGTYPE), ("k2.json", b"{}", tarfile.REGTYPE),
+               ("sub", b"", tarfile.DIRTYPE), ("k3.txt", b"", tarfile.SYMTYPE), ("k4.txt", b"after", tarfile.REGTYPE)]
+    if fmt == tarfile.PAX_FORMAT:
+        members.append(("kä.txt", b"non-ascii name", tarfile.REGTYPE))
+    raw = _tar_bytes(fmt, members)
+    with tarfile.open(fileobj=io.BytesIO(raw), mode="r|") as tf:
+        want = [(m.name, m.isfile(), m.size, tf.extractfile(m).read() if m.isfile() else None) for m in tf]  # type: ignore[union-attr]
+    got = []
+    for m in _iter_tar(io.BytesIO(raw), "s.tar"):
+        got.append((m.name, m.regular, m.size, m.read() if m.regular else None))
+    assert got == want and len(got) == len(members)
+    # members skipped without reading still leave the stream aligned
+    names = [m.name for m in _iter_tar(io.BytesIO(raw), "s.tar")]
+    assert names == [w[0] for w in want]
+
+
+def test_lean_reader_rejects_corrupt_tars() -> None:
+    from miroflow.data.shards import _iter_tar
+
+    raw = _tar_bytes(tarfile.GNU_FORMAT, [("k0.txt", b"hello" * 300, tarfile.REGTYPE)])
+    flipped = bytearray(raw)
+    flipped[10] ^= 0x01  # name byte changed: checksum no longer matches
+    with pytest.raises(ShardError, match="bad.tar.*checksum"):
+        list(_iter_tar(io.BytesIO(bytes(flipped)), "bad.tar"))
+    with pytest.raises(ShardError, match="cut.tar.*truncated"):
+        for m in _iter_tar(io.BytesIO(raw[:700]), "cut.tar"):
+            m.read()
+    with pytest.raises(ShardError, match="empty.tar.*empty"):
+        list(_iter_tar(io.BytesIO(b""), "empty.tar"))
+    with pytest.raises(ShardError, match="junk.tar"):
+        list(_iter_tar(io.BytesIO(b"not a tar at all" * 64), "junk.tar"))
