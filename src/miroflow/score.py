@@ -63,7 +63,6 @@ import inspect
 import io
 import json
 import logging
-import tarfile
 import threading
 import typing
 from collections.abc import Callable, Iterator
@@ -493,14 +492,8 @@ def _iter_records(
              **({"member": rec["member"]} if "member" in rec else {})}
         )
 
-    groups = iter_tar_groups(reader, shard_uri, on_reject=on_reject)  # type: ignore[arg-type]
-    while True:
-        try:
-            key, group = next(groups)
-        except StopIteration:
-            return
-        except (tarfile.TarError, EOFError) as err:  # a member cut short: the reader does not wrap it
-            raise ShardError(f"shard {shard_uri} is truncated or corrupt: {type(err).__name__}: {err}") from err
+    # iter_tar_groups raises ShardError (naming the shard) for a truncated or corrupt tar itself
+    for key, group in iter_tar_groups(reader, shard_uri, on_reject=on_reject):  # type: ignore[arg-type]
         rec = group_to_record(key, group, shard_uri)
         if isinstance(rec, str):
             failures.append({"key": key, "reason": rec, "scope": "sample"})

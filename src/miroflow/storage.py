@@ -250,6 +250,8 @@ class _ResumingS3Reader(io.RawIOBase):
         while True:
             try:
                 data = self._body.read(len(view))
+                if not data and 0 <= self.pos < self._size:  # a silently short body counts as a drop
+                    raise ConnectionError(f"stream ended at byte {self.pos}")
             except (BotoCoreError, Urllib3Error, ConnectionError, TimeoutError) as e:
                 if attempt >= self._st.retries:
                     raise StorageError(f"cannot read {self._uri}: connection dropped at byte {self.pos} of "
@@ -263,13 +265,6 @@ class _ResumingS3Reader(io.RawIOBase):
                 self.resumes += 1
                 continue
             n = len(data)
-            if n == 0 and 0 <= self.pos < self._size:  # a silently short body: resume like a drop
-                if attempt >= self._st.retries:
-                    raise StorageError(f"cannot read {self._uri}: stream ended at byte {self.pos} of {self._size}", self._uri)
-                attempt += 1
-                self._reopen()
-                self.resumes += 1
-                continue
             view[:n] = data
             self.pos += n
             return n

@@ -405,16 +405,32 @@ _MAX_META_BYTES = 1024 * 1024  # pax / GNU long-name records
 
 
 class _TarMember:
-    """One member header of :func:`_iter_tar`: ``name``, ``regular`` (a file), ``size`` (bytes)."""
+    """One member of :func:`_iter_tar`: ``name``, ``regular`` (a file), ``size`` (bytes).
 
-    __slots__ = ("name", "regular", "size", "_reader")
+    :meth:`read` returns the data once, before the iterator advances; unread data is skipped.
+    """
 
-    def __init__(self, name: str, regular: bool, size: int, reader: Callable[[], bytes]) -> None:
-        self.name, self.regular, self.size, self._reader = name, regular, size, reader
+    __slots__ = ("name", "regular", "size", "_padded", "_stream", "_shard", "consumed")
+
+    def __init__(self, name: str, regular: bool, size: int, padded: int, stream: IO[bytes], shard: str) -> None:
+        self.name, self.regular, self.size = name, regular, size
+        self._padded, self._stream, self._shard = padded, stream, shard
+        self.consumed = False
 
     def read(self) -> bytes:
-        """The member's data (only once, only before the iterator advances)."""
-        return self._reader()
+        """The member's data (the stream moves past its padding)."""
+        if self.consumed:
+            raise ShardError(f"shard {self._shard}: member {self.name!r} read twice")
+        self.consumed = True
+        data = _read_exact(self._stream, self.size, self._shard, f"member {self.name!r}")
+        _skip(self._stream, self._padded - self.size, self._shard, f"member {self.name!r}")
+        return data
+
+    def skip(self) -> None:
+        """Move the stream past the (unread) data."""
+        if not self.consumed:
+            self.consumed = True
+            _skip(self._stream, self._padded, self._shard, f"member {self.name!r}")
 
 
 def _read_exact(stream: IO[bytes], n: int, shard: str, what: str) -> bytes:
@@ -534,22 +550,10 @@ def _iter_tar(stream: IO[bytes], shard: str) -> Iterator[_TarMember]:
         if kind == b"5":
             name = name.rstrip("/")
         regular = kind in _REGULAR
-        has_data = regular or kind not in _NO_DATA
-        state = {"read": False}
-
-        def read(size: int = size, padded: int = padded, name: str = name, state: dict[str, bool] = state) -> bytes:
-            if state["read"]:
-                raise ShardError(f"shard {shard}: member {name!r} read twice")
-            state["read"] = True
-            data = _read_exact(stream, size, shard, f"member {name!r}")
-            _skip(stream, padded - size, shard, f"member {name!r}")
-            return data
-
-        member = _TarMember(name, regular, size, read)
+        member = _TarMember(name, regular, size, padded, stream, shard)
         yield member
-        if has_data and not state["read"]:
-            state["read"] = True
-            _skip(stream, padded, shard, f"member {name!r}")
+        if regular or kind not in _NO_DATA:
+            member.skip()
 
 
 def group_to_record(key: str, group: dict[str, bytes], shard: str) -> dict[str, Any] | str:
