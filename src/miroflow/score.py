@@ -75,7 +75,7 @@ from tqdm.auto import tqdm
 
 from miroflow.config import Params, ScoreConfig
 from miroflow.conditioning import BinSet, fit_bins, save_bins
-from miroflow.data.shards import ShardError, decode_image, group_to_record, iter_tar_groups, read_manifest
+from miroflow.data.shards import decode_image, group_to_record, iter_tar_groups, read_manifest
 from miroflow.rewards import Reward, RewardNotFound, available_rewards
 from miroflow.storage import Storage, from_config, join_uri, parse_uri, sha256_bytes
 
