@@ -19,7 +19,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-all bench clean-work
+.PHONY: install demo lint format test test-all bench clean-work
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,10 +33,21 @@ install: $(STAMP)
 demo: install
 	PREFECT_HOME=$(CURDIR)/work/prefect $(VENV)/bin/miroflow demo
 
-test: install
+# ruff (lint + format check), the layer contract and mypy against its shrinking baseline
+lint: install
+	$(VENV)/bin/ruff check src flows tests benchmarks .ci
+	$(VENV)/bin/ruff format --check -q src flows tests benchmarks .ci
+	$(VENV)/bin/lint-imports --no-cache
+	$(PY) .ci/mypy_baseline.py
+
+format: install
+	$(VENV)/bin/ruff format -q src flows tests benchmarks .ci
+	$(VENV)/bin/ruff check --fix -q src flows tests benchmarks .ci
+
+test: install lint
 	PREFECT_HOME=$$(mktemp -d) $(VENV)/bin/pytest -q
 
-test-all: install
+test-all: install lint
 	PREFECT_HOME=$$(mktemp -d) $(VENV)/bin/pytest -q -m "slow or not slow"
 
 bench: install

@@ -21,9 +21,12 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from miroflow import stages
 from miroflow.config import Params, ScoreConfig, StorageConfig, resolve_params
 from miroflow.data.shards import read_manifest
-from miroflow.storage import InvalidURIError, NoSuchBucketError, NotFoundError, StorageError, from_config
+from miroflow.results import ShardScore
+from miroflow.score import score_table_uri
+from miroflow.storage import InvalidURIError, NoSuchBucketError, NotFoundError, StorageError
 
 __all__ = ["score_dataset", "score_shard_task", "write_manifest_task", "bin_task", "is_transient", "make_task_runner", "run"]
 
@@ -60,49 +63,32 @@ def _retry_on_transient(task_: Any, task_run: TaskRun, state: State[Any]) -> boo
 def score_shard_task(
     shard_uri: str, out_uri: str, expected_sha256: str | None, score: dict[str, Any], storage: dict[str, Any]
 ) -> dict[str, Any]:
-    """Score one shard into its table (skipped when already up to date).
+    """Score one shard into its table (skipped when already up to date): :func:`miroflow.stages.score_one_shard`.
 
     Args:
         shard_uri / out_uri: shard tar and score-table URIs.
         expected_sha256: the shard's sha256 from the shard manifest.
         score / storage: ``params.score`` / ``params.storage`` as JSON dicts.
-
-    Returns:
-        :func:`miroflow.score.score_shard`'s small summary dict.
     """
-    from miroflow.score import load_rewards, score_shard
-
-    cfg = ScoreConfig.model_validate(score)
-    result = score_shard(
-        shard_uri, load_rewards(cfg), out_uri, from_config(StorageConfig.model_validate(storage)),
-        batch_size=cfg.batch_size, progress=False, expected_sha256=expected_sha256,
-    )
-    get_run_logger().info(
-        "shard %s: %s (%d rows, %d failures) -> %s",
-        shard_uri, "up to date" if result["skipped"] else "scored", result["n"], result["failures"], result["uri"],
-    )
-    return result
+    r = stages.score_one_shard(shard_uri, out_uri, expected_sha256, ScoreConfig.model_validate(score),
+                               StorageConfig.model_validate(storage))
+    get_run_logger().info("shard %s: %s (%d rows, %d failures) -> %s",
+                          shard_uri, "up to date" if r.skipped else "scored", r.n, r.failures, r.uri)
+    return r.to_dict()
 
 
 @task(name="write_score_manifest")
-def write_manifest_task(score: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:
+def write_manifest_task(params: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:
     """Write the local score manifest from the shard results; returns a small summary."""
-    from miroflow.score import load_rewards, write_score_manifest
-
-    cfg = ScoreConfig.model_validate(score)
-    versions = {r.name: r.version for r in load_rewards(cfg)}
-    manifest = write_score_manifest(cfg.manifest, versions, results)
-    return {"path": cfg.manifest, "tables": len(manifest["tables"]), "num_rows": manifest["num_rows"]}
+    r = stages.write_scores(Params.model_validate(params), [ShardScore.from_dict(x) for x in results])
+    return {"path": r.manifest, "tables": r.num_tables, "num_rows": r.num_rows}
 
 
 @task(name="bin")
 def bin_task(params: dict[str, Any]) -> dict[str, Any]:
     """Fit the bins from the score manifest; returns ``{"path", "hash", "rewards": {name: n}}``."""
-    from miroflow.score import run_bin
-
-    p = Params.model_validate(params)
-    binset = run_bin(p)
-    return {"path": p.score.bins, "hash": binset.hash, "rewards": {n: rb.n for n, rb in binset.rewards.items()}}
+    r = stages.bin_scores(Params.model_validate(params))
+    return {"path": r.path, "hash": r.hash, "rewards": r.counts}
 
 
 @flow(name="score-dataset", log_prints=True)
@@ -120,8 +106,6 @@ def score_dataset(
         ``{"shards": n, "scored": n, "skipped": n, "failures": n, "manifest": {...}, "bins": {...}}``.
     """
     p = resolve_params(params_file, overrides, params)
-    from miroflow.score import score_table_uri
-
     shards = read_manifest(p.data.manifest)["shards"]
     score_d = p.score.model_dump(mode="json")
     futures = score_shard_task.map(
@@ -132,7 +116,7 @@ def score_dataset(
         storage=unmapped(p.storage.model_dump(mode="json")),
     )
     results = [f.result() for f in futures]
-    manifest = write_manifest_task(score_d, results)  # direct calls: run in the flow's process
+    manifest = write_manifest_task(p.model_dump(mode="json"), results)  # direct calls: run in the flow's process
     bins = bin_task(p.model_dump(mode="json"))
     return {
         "shards": len(results),

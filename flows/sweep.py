@@ -1,11 +1,6 @@
 """Prefect flows for the sweep stage and best-of-N test-time scaling (thin layers over
-:func:`miroflow.sweep.run_sweep` and :func:`miroflow.tts.run_tts`).
-
-``sweep``: one task runs the ω, reward-target and best-of-N grids of one checkpoint; MLflow gets
-one parent run with a child per point (see :mod:`miroflow.sweep`). ``tts``: one task runs
-best-of-N alone (logged to an MLflow run ``tts-<train.run_name>`` when tracking is on). Both pass
-the params as a JSON dict and return small dicts of URIs and scalars.
-"""
+:func:`miroflow.stages.sweep` and :func:`miroflow.stages.tts`). Both pass the params as a JSON
+dict and return small dicts of URIs and scalars."""
 
 from __future__ import annotations
 
@@ -13,7 +8,9 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
+from miroflow import stages
 from miroflow.config import Params, resolve_params
+from miroflow.storage import join_uri
 
 __all__ = ["sweep", "tts", "sweep_task", "tts_task"]
 
@@ -21,44 +18,19 @@ __all__ = ["sweep", "tts", "sweep_task", "tts_task"]
 @task(name="sweep_model", task_run_name="sweep-{run_name}")
 def sweep_task(params: dict[str, Any], run_name: str) -> dict[str, Any]:
     """Run the sweep; returns ``{"output", "sweep_json", "parent_run_id", "points": [{name, run_id}], "plots"}``."""
-    from miroflow.storage import join_uri
-    from miroflow.sweep import run_sweep
-
-    doc = run_sweep(Params.model_validate(params))
-    get_run_logger().info("sweep of %s: %d points -> %s", run_name, len(doc["points"]), doc["output"])
-    return {
-        "output": doc["output"],
-        "sweep_json": join_uri(doc["output"], "sweep.json"),
-        "parent_run_id": doc["parent_run_id"],
-        "points": [{"name": p["name"], "run_id": p["run_id"]} for p in doc["points"]],
-        "plots": doc["plots"],
-        "notes": doc["notes"],
-    }
+    r = stages.sweep(Params.model_validate(params))
+    get_run_logger().info("sweep of %s: %d points -> %s", run_name, len(r.points), r.output)
+    return {"output": r.output, "sweep_json": join_uri(r.output, "sweep.json"), "parent_run_id": r.parent_run_id,
+            "points": [{"name": p["name"], "run_id": p["run_id"]} for p in r.points], "plots": r.plots,
+            "notes": list(r.notes), "manifest": r.manifest}
 
 
 @task(name="tts_model", task_run_name="tts-{run_name}")
 def tts_task(params: dict[str, Any], run_name: str) -> dict[str, Any]:
     """Best-of-N of one model; returns ``{"output", "tts_json", "ns", "select_by", "curves", "mlflow_run_id"}``."""
-    from miroflow.storage import join_uri
-    from miroflow.tracking import StepDefaultTracker, optional_run
-    from miroflow.tts import run_tts
-
-    p = Params.model_validate(params)
-    with optional_run(p, f"tts-{run_name}", tags={"stage": "tts"}) as tracker:
-        res = run_tts(p, tracker=StepDefaultTracker(tracker) if tracker is not None else None)
-        run_id = tracker.run_id if tracker is not None else None
-    return {
-        "output": res["output"],
-        "tts_json": join_uri(res["output"], "tts.json"),
-        "ns": res["ns"],
-        "select_by": res["select_by"],
-        "curves": res["curves"],
-        "mlflow_run_id": run_id,
-    }
-
-
-def _load(params_file: str, overrides: list[str] | None, params: Params | None) -> Params:
-    return resolve_params(params_file, overrides, params)
+    r = stages.tts(Params.model_validate(params))
+    return {"output": r.output, "tts_json": join_uri(r.output, "tts.json"), "ns": list(r.ns), "select_by": r.select_by,
+            "curves": r.curves, "mlflow_run_id": r.mlflow_run_id, "manifest": r.manifest}
 
 
 @flow(name="sweep", log_prints=True)
@@ -70,12 +42,12 @@ def sweep(params_file: str = "params.yaml", overrides: list[str] | None = None, 
         overrides: DVC-style ``section.key=value`` overrides applied on top.
         params: a full typed config (the Prefect UI renders it as a form).
     """
-    p = _load(params_file, overrides, params)
+    p = resolve_params(params_file, overrides, params)
     return sweep_task(p.model_dump(mode="json"), run_name=p.train.run_name)
 
 
 @flow(name="tts", log_prints=True)
 def tts(params_file: str = "params.yaml", overrides: list[str] | None = None, params: Params | None = None) -> dict[str, Any]:
     """Best-of-N test-time scaling of a checkpoint (``sweep.best_of_n``, ``sweep.select_by``)."""
-    p = _load(params_file, overrides, params)
+    p = resolve_params(params_file, overrides, params)
     return tts_task(p.model_dump(mode="json"), run_name=p.train.run_name)

@@ -1,7 +1,7 @@
-"""Prefect flow for the train stage (a thin layer over :func:`miroflow.stages.train_stage`).
+"""Prefect flow for the train stage (a thin layer over :func:`miroflow.stages.train`).
 
 One task runs training in the flow's process (DDP runs are launched with ``torchrun`` outside
-Prefect); it returns the final checkpoint URI and a few numbers, never tensors.
+Prefect); it returns the :class:`~miroflow.results.TrainResult` as a JSON dict, never tensors.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from typing import Any
 
 from prefect import flow, task
 
+from miroflow import stages
 from miroflow.config import Params, resolve_params
 
 __all__ = ["train_model", "train_task"]
@@ -17,10 +18,8 @@ __all__ = ["train_model", "train_task"]
 
 @task(name="train")
 def train_task(params: dict[str, Any], resume: bool = False, max_steps: int | None = None) -> dict[str, Any]:
-    """Train one model; returns ``{"checkpoint", "loss", "steps", "wall_time_s", "mlflow_run_id", ...}``."""
-    from miroflow.stages import train_stage
-
-    return train_stage(Params.model_validate(params), resume=resume, max_steps=max_steps)
+    """Train one model; returns the TrainResult (checkpoint, loss, steps, MLflow run id, manifest)."""
+    return stages.train(Params.model_validate(params), resume=resume, max_steps=max_steps).to_dict()
 
 
 @flow(name="train", log_prints=True)

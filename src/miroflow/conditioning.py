@@ -1,4 +1,4 @@
-"""Quantile binning of reward scores into MIRO conditioning values (DESIGN §3, architecture "Bins").
+"""Quantile binning of reward scores into MIRO conditioning values (docs/design.md §3, architecture "Bins").
 
 Each reward gets ``num_bins`` quantile bins (64 by default) estimated on at most ``max_samples``
 finite values. A score's *conditioning value* is its bin index mapped to the ``k / (num_bins - 1)``

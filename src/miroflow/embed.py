@@ -2,20 +2,16 @@
 
 Layout (docs/architecture.md, "Text-embedding sidecars")::
 
-    <root>/embeds/<data-hash>/<encoder-slug>/<shard-stem>.safetensors
-        tokens      [N, L, D]  float16   (zero where mask is False)
-        mask        [N, L]     bool
-        pooled      [N, Dp]    float32
-        syn_tokens / syn_mask / syn_pooled      only when the shard has synthetic captions
-        latents     [N, C, h, w] float16        only for train.latent == "vae" (raw, un-normalised)
-      metadata: keys (JSON list), encoder (spec), max_length, vae (path or ""),
-                latent_sum / latent_sumsq (JSON [C] float64), latent_count (int) for vae
+    <root>/embeds/<data-hash>/<encoder-slug>/<shard-stem>.safetensors      one sidecar per shard
     <root>/embeds/<data-hash>/<encoder-slug>/latent_stats.json     per-channel {"mean","std",...} (vae)
 
-Row ``i`` belongs to the ``i``-th key of the shard in order. Idempotent: a sidecar whose header
-already records the same encoder spec, max_length and VAE is not recomputed (only its header is
-read). Sidecars are written in one ``Storage.write_bytes`` (atomic), so a half-written one is never
-visible. The local manifest ``<dir of data.manifest>/embeds.json`` lists them.
+The sidecar content (tensors ``tokens [N, L, D]``, ``mask [N, L]``, ``pooled [N, Dp]``, optional
+``syn_*`` and ``latents [N, C, h, w]``, plus string metadata) is defined, read and written by
+:mod:`miroflow.data.sidecars`. Row ``i`` belongs to the ``i``-th key of the shard in order.
+Idempotent: a sidecar whose header already records the same encoder spec, max_length and VAE is not
+recomputed (only its header is read). Sidecars are written in one ``Storage.write_bytes`` (atomic),
+so a half-written one is never visible. The local manifest ``<dir of data.manifest>/embeds.json``
+lists them.
 """
 
 from __future__ import annotations
@@ -24,7 +20,6 @@ import hashlib
 import json
 import logging
 import re
-import struct
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -33,26 +28,23 @@ import torch
 from tqdm.auto import tqdm
 
 from miroflow.config import Params
+from miroflow.data.hashing import data_hash
 from miroflow.data.shards import decode_image, iter_shard, read_manifest
+from miroflow.data.sidecars import EMBED_FORMAT, encode_captions, read_sidecar_header, record_captions, sidecar_bytes
+from miroflow.models import create_codec, create_text_encoder
 from miroflow.models.text import TextEncoder
 from miroflow.storage import Storage, from_config, join_uri
 
 __all__ = [
-    "EMBED_FORMAT",
     "encoder_slug",
     "embeds_prefix",
     "embeds_manifest_path",
     "sidecar_uri",
-    "read_sidecar_header",
-    "read_sidecar",
-    "encode_captions",
-    "record_captions",
     "embed_shard",
     "run_embed",
 ]
 
 log = logging.getLogger(__name__)
-EMBED_FORMAT = 1
 
 
 def encoder_slug(spec: str) -> str:
@@ -66,8 +58,6 @@ def encoder_slug(spec: str) -> str:
 
 def embeds_prefix(params: Params) -> str:
     """``<root>/embeds/<data-hash>/<encoder-slug>``."""
-    from miroflow.prepare import data_hash
-
     return join_uri(params.storage.root, "embeds", data_hash(params.data), encoder_slug(params.train.text_encoder))
 
 
@@ -81,81 +71,6 @@ def sidecar_uri(params: Params, shard_uri: str) -> str:
     stem = PurePosixPath(shard_uri.rstrip("/")).name
     stem = stem[: -len(".tar")] if stem.endswith(".tar") else stem
     return join_uri(embeds_prefix(params), f"{stem}.safetensors")
-
-
-def read_sidecar_header(uri: str, storage: Storage) -> dict[str, Any] | None:
-    """The safetensors ``__metadata__`` of a sidecar (reads only the header), or ``None`` if absent.
-
-    Raises:
-        ValueError: the object exists but is not a safetensors file (names the URI).
-    """
-    if not storage.exists(uri):
-        return None
-    f = storage.open_read(uri)
-    try:
-        head = f.read(8)
-        if len(head) != 8:
-            raise ValueError(f"sidecar {uri} is truncated (no safetensors header)")
-        (n,) = struct.unpack("<Q", head)
-        if n > 100_000_000:
-            raise ValueError(f"sidecar {uri}: implausible safetensors header size {n}")
-        header = json.loads(f.read(n).decode("utf-8"))
-    finally:
-        f.close()
-    meta = header.get("__metadata__") or {}
-    return {str(k): str(v) for k, v in meta.items()}
-
-
-def read_sidecar(uri: str, storage: Storage) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Load all tensors and the metadata of a sidecar."""
-    from safetensors.torch import load
-
-    data = storage.read_bytes(uri)
-    tensors = load(data)
-    n = struct.unpack("<Q", data[:8])[0]
-    meta = json.loads(data[8 : 8 + n].decode("utf-8")).get("__metadata__") or {}
-    return tensors, {str(k): str(v) for k, v in meta.items()}
-
-
-@torch.no_grad()
-def encode_captions(encoder: TextEncoder, captions: list[str], batch_size: int = 256) -> dict[str, torch.Tensor]:
-    """Encode captions with a frozen encoder, each distinct caption once.
-
-    Returns:
-        ``tokens [N, L, D]`` float16, ``mask [N, L]`` bool, ``pooled [N, Dp]`` float32 (CPU).
-    """
-    uniq = list(dict.fromkeys(captions))
-    where = {c: i for i, c in enumerate(uniq)}
-    toks, masks, pools = [], [], []
-    for i in range(0, len(uniq), batch_size):
-        emb = encoder.encode(uniq[i : i + batch_size])
-        toks.append(emb.tokens.detach().to("cpu", torch.float16))
-        masks.append(emb.mask.detach().to("cpu", torch.bool))
-        pools.append(emb.pooled.detach().to("cpu", torch.float32))
-    if not uniq:
-        raise ValueError("encode_captions: no captions")
-    idx = torch.tensor([where[c] for c in captions], dtype=torch.long)
-    return {
-        "tokens": torch.cat(toks)[idx].contiguous(),
-        "mask": torch.cat(masks)[idx].contiguous(),
-        "pooled": torch.cat(pools)[idx].contiguous(),
-    }
-
-
-def record_captions(rec: dict[str, Any]) -> tuple[str, str | None]:
-    """``(original caption, synthetic caption or None)`` of a shard record.
-
-    The original caption is the ``.txt`` member (falling back to ``json["caption"]``).
-    Raises ValueError naming the shard and key when there is no caption at all.
-    """
-    meta = rec.get("json") or {}
-    cap = rec.get("txt")
-    if not cap:
-        cap = meta.get("caption")
-    if not isinstance(cap, str) or not cap:
-        raise ValueError(f"shard {rec.get('shard')} key {rec.get('key')!r}: no caption (.txt or json caption)")
-    syn = (meta.get("captions") or {}).get("synthetic") if isinstance(meta.get("captions"), dict) else None
-    return cap, syn if isinstance(syn, str) and syn else None
 
 
 def _images_tensor(recs: list[dict[str, Any]]) -> torch.Tensor:
@@ -182,12 +97,11 @@ def embed_shard(
     Returns:
         ``{"shard", "uri", "n", "skipped", "latent_sum", "latent_sumsq", "latent_count"}``.
     """
-    from safetensors.torch import save
-
     want = {"encoder": spec, "max_length": str(encoder.max_length), "vae": vae_spec, "format": str(EMBED_FORMAT)}
     head = read_sidecar_header(out_uri, storage)
     if head is not None and all(head.get(k) == v for k, v in want.items()):
-        entry: dict[str, Any] = {"shard": shard_uri, "uri": out_uri, "n": len(json.loads(head["keys"])), "skipped": True}
+        n = len(json.loads(head["keys"]))
+        entry: dict[str, Any] = {"shard": shard_uri, "uri": out_uri, "n": n, "skipped": True}
         for k in ("latent_sum", "latent_sumsq", "latent_count"):
             if k in head:
                 entry[k] = json.loads(head[k])
@@ -213,7 +127,7 @@ def embed_shard(
         )
         tensors["latents"] = z.to(torch.float16).contiguous()
         meta.update({k: json.dumps(entry[k]) for k in ("latent_sum", "latent_sumsq", "latent_count")})
-    storage.write_bytes(out_uri, save(tensors, metadata=meta))
+    storage.write_bytes(out_uri, sidecar_bytes(tensors, meta))
     return entry
 
 
@@ -224,7 +138,8 @@ def _latent_stats(entries: list[dict[str, Any]], vae_spec: str) -> dict[str, Any
     n = float(sum(e["latent_count"] for e in entries))
     mean = s / n
     std = np.sqrt(np.maximum(sq / n - mean * mean, 1e-12))
-    return {"mean": mean.tolist(), "std": std.tolist(), "channels": len(mean), "source": f"fit:{int(n)}", "vae": vae_spec}
+    return {"mean": mean.tolist(), "std": std.tolist(), "channels": len(mean), "source": f"fit:{int(n)}",
+            "vae": vae_spec}
 
 
 def run_embed(params: Params, storage: Storage | None = None) -> dict[str, Any]:
@@ -237,15 +152,14 @@ def run_embed(params: Params, storage: Storage | None = None) -> dict[str, Any]:
         The manifest ``{"version", "encoder", "max_length", "data_hash", "latent", "vae",
         "latent_stats_uri", "sidecars": [{"shard", "uri", "n"}]}``.
     """
-    from miroflow.models import create_codec, create_text_encoder
-    from miroflow.prepare import data_hash
-
     storage = storage or from_config(params.storage)
     spec = params.train.text_encoder
     if spec == "learned":
         raise ValueError("train.text_encoder: 'learned' is trained with the denoiser; there is nothing to embed")
     shards = read_manifest(params.data.manifest)["shards"]
-    device = "cuda" if params.train.device == "auto" and torch.cuda.is_available() else ("cpu" if params.train.device == "auto" else params.train.device)
+    device = params.train.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     encoder = create_text_encoder(spec, device=device)
     vae = None
     vae_spec = ""

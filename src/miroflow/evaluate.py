@@ -33,7 +33,7 @@ import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -41,13 +41,15 @@ from PIL import Image
 
 from miroflow.config import Params, ScoreConfig
 from miroflow.prompts import PromptItem, load_prompt_set
+from miroflow.results import eval_metrics
 from miroflow.storage import Storage, join_uri
+from miroflow.tracking import NullTracker, Tracker
+from miroflow.util import png_bytes, resolve_device
 
 if TYPE_CHECKING:  # pragma: no cover
     from miroflow.pipeline import MiroPipeline
 
 __all__ = [
-    "EvalTracker",
     "sample_seed",
     "to_uint8",
     "generate",
@@ -59,27 +61,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-@runtime_checkable
-class EvalTracker(Protocol):
-    """What the evaluate stage logs to (the trainer's tracker Protocol; MLflow-like signatures)."""
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        """Scalar metrics by name."""
-        ...
-
-    def log_dict(self, dictionary: dict[str, Any], artifact_file: str) -> None:
-        """A JSON artifact."""
-        ...
-
-    def log_image(self, image: np.ndarray, key: str, step: int | None = None) -> None:
-        """An image ``[H, W, 3]`` uint8."""
-        ...
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        """String tags."""
-        ...
 
 
 # --------------------------------------------------------------------------- generation
@@ -177,7 +158,7 @@ def score_images(
     Raises:
         RewardNotFound: an unknown reward name (lists the valid ones).
     """
-    from miroflow.score import load_rewards
+    from miroflow.rewards import load_rewards
 
     n = int(np.asarray(images).shape[0]) if len(np.asarray(images).shape) else 0
     if len(prompts) != n:
@@ -241,12 +222,6 @@ def resolve_checkpoint(params: Params, storage: Storage) -> str:
     return join_uri(base, steps[-1])
 
 
-def _png(image: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def _clean(v: float) -> float | None:
     """JSON-safe float: NaN/inf -> None."""
     f = float(v)
@@ -265,10 +240,6 @@ def _grid(images: list[np.ndarray], cols: int = 4) -> np.ndarray:
     return grid
 
 
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def ensure_pipeline(params: Params, storage: Storage, pipeline: "MiroPipeline | None" = None) -> tuple["MiroPipeline", str | None]:
     """The given pipeline, or the one loaded from ``eval.checkpoint`` / the latest checkpoint of
     ``train.run_name``; progress bars off. Returns ``(pipeline, checkpoint URI or None)``."""
@@ -276,7 +247,7 @@ def ensure_pipeline(params: Params, storage: Storage, pipeline: "MiroPipeline | 
 
     if pipeline is None:
         checkpoint = resolve_checkpoint(params, storage)
-        pipeline = load_pipeline(checkpoint, storage=storage, device=_default_device())
+        pipeline = load_pipeline(checkpoint, storage=storage, device=str(resolve_device()))
     else:
         checkpoint = params.eval.checkpoint
     pipeline.set_progress_bar_config(disable=True)
@@ -289,7 +260,7 @@ def run_evaluate(
     pipeline: "MiroPipeline | None" = None,
     storage: Storage | None = None,
     out_uri: str | None = None,
-    tracker: EvalTracker | None = None,
+    tracker: Tracker | None = None,
 ) -> dict[str, Any]:
     """Generate, store and score ``eval.images_per_prompt`` images per prompt of ``eval.prompt_set``.
 
@@ -363,7 +334,7 @@ def run_evaluate(
         verdicts = judge_images(images, prompts)
         for k, (i, j) in enumerate(part):
             rel = f"{i:05d}/samples/{j:04d}.png"
-            st.write_bytes(join_uri(out, rel), _png(images[k]))
+            st.write_bytes(join_uri(out, rel), png_bytes(images[k]))
             if j == 0 and len(grid_images) < 16:
                 grid_images.append(images[k])
             v = verdicts[k]
@@ -415,23 +386,18 @@ def run_evaluate(
     st.write_bytes(join_uri(out, "results.jsonl"), results_text.encode())
     grid = _grid(grid_images) if grid_images else None
     if grid is not None:
-        st.write_bytes(join_uri(out, "grid.png"), _png(grid))
+        st.write_bytes(join_uri(out, "grid.png"), png_bytes(grid))
     st.write_bytes(join_uri(out, "summary.json"), (json.dumps(summary, indent=2) + "\n").encode())
     for uri in st.list(progress):  # finished: a later call evaluates afresh (the model may have changed)
         st.delete(uri)
 
-    if tracker is not None:
-        metrics: dict[str, float] = {f"eval/{tag}": acc for tag, acc in summary["accuracy"].items()}
-        if summary["overall"] is not None:
-            metrics["eval/overall"] = summary["overall"]
-        for name, stats in summary["rewards"].items():
-            if stats["mean"] is not None:
-                metrics[f"eval/reward/{name}"] = stats["mean"]
-        tracker.set_tags({"eval.prompt_set": ev.prompt_set, "eval.checkpoint": str(checkpoint), "eval.output": out})
-        tracker.log_metrics(metrics, step=spec.step or 0)
-        tracker.log_dict(summary, "eval/summary.json")
-        if grid is not None:
-            tracker.log_image(grid, key="eval/samples", step=spec.step or 0)
+    tracker = tracker or NullTracker()
+    reward_means = {name: stats["mean"] for name, stats in summary["rewards"].items()}
+    tracker.set_tags({"eval.prompt_set": ev.prompt_set, "eval.checkpoint": str(checkpoint), "eval.output": out})
+    tracker.log_metrics(eval_metrics(summary["accuracy"], summary["overall"], reward_means), step=spec.step or 0)
+    tracker.log_dict(summary, "eval/summary.json")
+    if grid is not None:
+        tracker.log_image(grid, key="eval/samples", step=spec.step or 0)
     return summary
 
 

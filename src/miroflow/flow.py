@@ -1,11 +1,11 @@
-"""Flow-matching math for MIRO (DESIGN §1, §3): pure functions on tensors, no I/O.
+"""Flow-matching math for MIRO (docs/design.md §1, §3): pure functions on tensors, no I/O.
 
 Conventions
 -----------
 - ``t = 0`` is data, ``t = 1`` is noise: ``x_t = (1 - t)·x + t·ε`` with ``ε ~ N(0, I)``.
 - The model predicts the velocity ``v = dx_t/dt = ε − x`` (the regression target).
 - Sampling integrates the ODE from ``t = 1`` down to ``t = 0``: ``x_{t−Δ} = x_t − Δ·v(x_t, t)``.
-- Guidance (DESIGN §1): ``v̂ = v⁺ + ω·(v⁺ − v⁻)``. In the common "uncond + s·(cond − uncond)"
+- Guidance (docs/design.md §1): ``v̂ = v⁺ + ω·(v⁺ − v⁻)``. In the common "uncond + s·(cond − uncond)"
   convention (with ``v⁻`` playing "uncond") this is ``s = 1 + ω``: ``ω = 0`` means no guidance,
   the paper's default ``ω = 7`` is ``s = 8``.
 
@@ -197,7 +197,7 @@ def apply_text_dropout(
 
 
 def guided_velocity(v_pos: Tensor, v_neg: Tensor, omega: float | Tensor) -> Tensor:
-    """``v_pos + ω·(v_pos − v_neg)`` (DESIGN §1).
+    """``v_pos + ω·(v_pos − v_neg)`` (docs/design.md §1).
 
     ``ω`` here equals ``s − 1`` for the "uncond + s·(cond − uncond)" convention; ``ω = 0``
     returns ``v_pos``. ``omega`` may be a float, a 0-d tensor or a ``[B]`` tensor (per sample).

@@ -12,7 +12,7 @@ them like any diffusers pipeline):
 plus a :class:`MiroSpec` (``pipe.spec``): the ``miro.json`` document of the checkpoint layout
 (docs/architecture.md) — reward names, resolution, latent kind, text-encoder spec, text dropout...
 
-Sampling (DESIGN §1, §3): Euler steps of :func:`miroflow.flow.euler_sample` from ``t = 1`` to
+Sampling (docs/design.md §1, §3): Euler steps of :func:`miroflow.flow.euler_sample` from ``t = 1`` to
 ``0`` with the guided velocity ``v̂ = v(x, c, s⁺) + ω·(v(x, c, s⁺) − v(x, c, s⁻))``; both branches
 run in **one** batched forward of ``2B`` rows (:func:`miroflow.flow.cfg_model_fn`); ``ω = 0``
 runs a single conditional forward of ``B`` rows. Reward targets are conditioning values in

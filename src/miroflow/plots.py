@@ -3,7 +3,7 @@
 Every function builds a :class:`matplotlib.figure.Figure` attached to an Agg canvas directly
 (no ``pyplot``): no global figure state, no GUI backend, safe from threads (Prefect task
 runners) and never changes the user's backend. Save with :func:`save_png` (a path) or
-:func:`png_bytes` (bytes for :mod:`miroflow.storage`); MLflow's ``log_figure`` takes them as is.
+:func:`figure_png` (bytes for :mod:`miroflow.storage`); MLflow's ``log_figure`` takes them as is.
 
 Figures:
 
@@ -12,7 +12,11 @@ Figures:
   one line per model (e.g. MIRO vs baseline), from :func:`miroflow.tts.best_of_n` dicts;
 * :func:`tradeoff` — a swept value (ω, a reward target) vs every reward and judge accuracy;
 * :func:`image_grid` — ``[R, C, H, W, 3]`` images with row and column labels (a figure, or a
-  plain uint8 mosaic with ``as_array=True``).
+  plain uint8 mosaic with ``as_array=True``);
+* :func:`convergence` — evaluation curves (judge accuracy, every reward) vs training step, one
+  line per run (the study's convergence figure);
+* :func:`best_of_n_panels` — one best-of-N panel per reward (selected by itself) and judge
+  accuracy, MIRO vs baseline with MIRO's single sample as reference (the study's figure).
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["new_figure", "radar", "tts_curves", "tradeoff", "image_grid", "save_png", "png_bytes", "figure_to_array"]
+__all__ = ["new_figure", "radar", "tts_curves", "tradeoff", "image_grid", "convergence", "best_of_n_panels", "save_png",
+           "figure_png", "figure_to_array"]
 
 #: Colour cycle (matplotlib's tab10) so that a model keeps its colour across figures.
 _COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
@@ -49,7 +54,8 @@ def _finite(v: Any) -> float:
 
 
 # --------------------------------------------------------------------------- radar
-def radar(models: Mapping[str, Mapping[str, float | None]], title: str | None = None, limits: tuple[float, float] = (0.0, 1.0)) -> Figure:
+def radar(models: Mapping[str, Mapping[str, float | None]], title: str | None = None,
+          limits: tuple[float, float] = (0.0, 1.0)) -> Figure:
     """Per-model radar (spider) chart of reward means.
 
     Args:
@@ -65,9 +71,9 @@ def radar(models: Mapping[str, Mapping[str, float | None]], title: str | None = 
         raise ValueError("radar: no models to draw")
     axes_names: list[str] = []
     for vals in models.values():
-        for k in vals:
-            if k not in axes_names:
-                axes_names.append(k)
+        for name in vals:
+            if name not in axes_names:
+                axes_names.append(name)
     if len(axes_names) < 3:
         raise ValueError(f"radar: needs at least 3 rewards, got {axes_names}")
     k = len(axes_names)
@@ -134,7 +140,8 @@ def tts_curves(
         else:
             xs = [float(v) for v in res["ns"]]
         select.add(str(res.get("select_by", "?")))
-        ax.plot(xs, ys, marker="o", color=_COLORS[n % len(_COLORS)], label=f"{name} (select by {res.get('select_by', '?')})")
+        ax.plot(xs, ys, marker="o", color=_COLORS[n % len(_COLORS)],
+                label=f"{name} (select by {res.get('select_by', '?')})")
     for n, (label, value) in enumerate((hlines or {}).items()):
         ax.axhline(float(value), linestyle="--", color=_COLORS[(n + len(results)) % len(_COLORS)], label=label)
     ax.set_xscale("log", base=2 if x == "n" else 10)
@@ -175,7 +182,8 @@ def tradeoff(
     ax = fig.add_subplot(111)
     for n, (name, ys) in enumerate(series.items()):
         style = "--" if name in ("accuracy", "overall", "judge_accuracy") else "-"
-        ax.plot([float(x) for x in xs], [_finite(y) for y in ys], style, marker="o", color=_COLORS[n % len(_COLORS)], label=name)
+        ax.plot([float(x) for x in xs], [_finite(y) for y in ys], style, marker="o", color=_COLORS[n % len(_COLORS)],
+                label=name)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
@@ -199,9 +207,11 @@ def _mosaic(images: np.ndarray, pad: int = 2) -> np.ndarray:
 
 
 @overload
-def image_grid(images: np.ndarray, row_labels: Sequence[str] | None = ..., col_labels: Sequence[str] | None = ..., *, as_array: Literal[False] = ..., title: str | None = ...) -> Figure: ...
+def image_grid(images: np.ndarray, row_labels: Sequence[str] | None = ..., col_labels: Sequence[str] | None = ..., *,
+               as_array: Literal[False] = ..., title: str | None = ...) -> Figure: ...
 @overload
-def image_grid(images: np.ndarray, row_labels: Sequence[str] | None = ..., col_labels: Sequence[str] | None = ..., *, as_array: Literal[True], title: str | None = ...) -> np.ndarray: ...
+def image_grid(images: np.ndarray, row_labels: Sequence[str] | None = ..., col_labels: Sequence[str] | None = ..., *,
+               as_array: Literal[True], title: str | None = ...) -> np.ndarray: ...
 def image_grid(
     images: np.ndarray,
     row_labels: Sequence[str] | None = None,
@@ -247,15 +257,89 @@ def image_grid(
                 ax.set_title(str(col_labels[j]), fontsize=8)
             if j == 0 and row_labels is not None:
                 label = str(row_labels[i])
-                ax.set_ylabel(label if len(label) <= 40 else label[:37] + "...", fontsize=7, rotation=0, ha="right", va="center")
+                ax.set_ylabel(label if len(label) <= 40 else label[:37] + "...", fontsize=7, rotation=0, ha="right",
+                              va="center")
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
 
 
+# --------------------------------------------------------------------------- study figures
+def convergence(curves: Mapping[str, Mapping[str, Any]], keys: Sequence[str]) -> Figure:
+    """Evaluation curves vs training step: one panel per metric, one line per run.
+
+    Args:
+        curves: ``{run name: {"steps": [K steps], "metrics": {key: [K values]}}}``; runs whose name
+            starts with ``baseline`` are dashed.
+        keys: the metrics to draw, one panel each (``"overall"`` is titled as judge accuracy).
+
+    Raises:
+        ValueError: no runs or no keys.
+    """
+    if not curves or not keys:
+        raise ValueError("convergence: no runs or no metrics to draw")
+    fig = new_figure(11, 6.2)
+    axes = fig.subplots(2, math.ceil(len(keys) / 2), squeeze=False).ravel()
+    colors = {name: _COLORS[i % len(_COLORS)] for i, name in enumerate(curves)}
+    for ax, k in zip(axes, keys):
+        for name, c in curves.items():
+            ys = [_finite(v) for v in c["metrics"].get(k, [])]
+            ax.plot(c["steps"][: len(ys)], ys, marker="o", ms=3, color=colors[name],
+                    linestyle="--" if name.startswith("baseline") else "-", label=name)
+        ax.set_title("judge accuracy (overall)" if k == "overall" else k, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.grid(True, alpha=0.3)
+        ax.tick_params(labelsize=7)
+    for ax in axes[len(keys):]:
+        ax.axis("off")
+    axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    return fig
+
+
+def best_of_n_panels(docs: Mapping[str, Mapping[str, Any]], rewards: Sequence[str],
+                     judge_select_by: str = "shapes_alignment", reference: str = "miro") -> Figure:
+    """Best-of-N per reward: the reward of the images selected by that reward vs N, one line per model,
+    plus a judge-accuracy panel (selected by ``judge_select_by``); ``reference``'s N=1 dotted.
+
+    Args:
+        docs: ``{model label: {"select_by": {reward: {"ns": [...], "curves": {metric: [...]}}}}}``
+            (the study's best-of-N documents, e.g. ``{"miro": ..., "baseline": ...}``).
+        rewards: the rewards, one panel each, then the accuracy panel.
+
+    Raises:
+        ValueError: no models, or ``reference`` is not one of them.
+    """
+    if not docs or reference not in docs:
+        raise ValueError(f"best_of_n_panels: need the reference model {reference!r} among {list(docs)}")
+    fig = new_figure(11, 6.2)
+    axes = fig.subplots(2, math.ceil((len(rewards) + 1) / 2), squeeze=False).ravel()
+    for ax, r in zip(axes, [*rewards, "accuracy"]):
+        sel = judge_select_by if r == "accuracy" else r
+        for n, (label, doc) in enumerate(docs.items()):
+            by = doc["select_by"].get(sel)
+            if by:
+                ax.plot(by["ns"], [_finite(v) for v in by["curves"][r]], marker="o", ms=3, label=f"{label} best-of-N",
+                        color=_COLORS[n % len(_COLORS)])
+        ref = docs[reference]["select_by"].get(sel)
+        if ref:
+            ax.axhline(_finite(ref["curves"][r][0]), color=_COLORS[list(docs).index(reference) % len(_COLORS)],
+                       linestyle=":", label=f"{reference.upper() if reference == 'miro' else reference} N=1")
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{r} (selected by {sel})", fontsize=9)
+        ax.set_xlabel("N", fontsize=8)
+        ax.grid(True, alpha=0.3)
+        ax.tick_params(labelsize=7)
+    for ax in axes[len(rewards) + 1:]:
+        ax.axis("off")
+    axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    return fig
+
+
 # --------------------------------------------------------------------------- output
-def png_bytes(fig: Figure, dpi: int | None = None) -> bytes:
+def figure_png(fig: Figure, dpi: int | None = None) -> bytes:
     """The figure encoded as PNG bytes."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi or fig.dpi, bbox_inches="tight")
@@ -266,7 +350,7 @@ def save_png(fig: Figure, path: str | Path, dpi: int | None = None) -> Path:
     """Write the figure as a PNG file (parent directories are created); returns the path."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_bytes(png_bytes(fig, dpi))
+    p.write_bytes(figure_png(fig, dpi))
     return p
 
 

@@ -7,26 +7,24 @@ Resumable: a shard that already exists under the same data hash is not rendered 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from miroflow.config import DataConfig, Params
+from miroflow.config import Params
+from miroflow.data.hashing import data_hash
+from miroflow.data.importers import import_tars
+from miroflow.data.shapes import iter_samples
 from miroflow.data.shards import write_manifest, write_shard
 from miroflow.storage import Storage, from_config, join_uri, sha256_bytes
 
+# data_hash: compatibility re-export for train.py (``from miroflow.prepare import data_hash``);
+# remove it once that imports miroflow.data.hashing.
+__all__ = ["shards_prefix", "run_prepare", "data_hash"]
+
 log = logging.getLogger(__name__)
-
-
-def data_hash(cfg: DataConfig) -> str:
-    """Short content hash of the data params that change shard bytes (12 hex chars)."""
-    fields = cfg.model_dump(mode="json", exclude={"manifest"})
-    blob = json.dumps(fields, sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:12]
 
 
 def shards_prefix(params: Params) -> str:
@@ -35,8 +33,7 @@ def shards_prefix(params: Params) -> str:
 
 
 def _render_shapes(params: Params, storage: Storage, prefix: str) -> list[dict[str, Any]]:
-    from miroflow.data.shapes import iter_samples
-
+    """Render ``data.num_samples`` shapes samples into shards under ``prefix`` (existing shards are kept)."""
     cfg = params.data
     n_shards = -(-cfg.num_samples // cfg.shard_size)
     entries: list[dict[str, Any]] = []
@@ -66,8 +63,6 @@ def run_prepare(params: Params, storage: Storage | None = None) -> dict[str, Any
     if cfg.domain == "shapes":
         entries = _render_shapes(params, storage, prefix)
     else:
-        from miroflow.data.importers import import_tars
-
         if not cfg.import_uri:
             raise ValueError("data.import_uri: required when data.domain is 'import'")
         report = import_tars(cfg.import_uri, prefix, split=cfg.split, shard_size=cfg.shard_size, storage=storage)

@@ -1,4 +1,4 @@
-"""Prompt-set registry for evaluation (DESIGN §2 "evaluate", §7.3 registries keyed by name).
+"""Prompt-set registry for evaluation (docs/design.md §2 "evaluate", §7.3 registries keyed by name).
 
 A prompt set is named by a *spec* string:
 

@@ -30,8 +30,7 @@ import io
 import json
 import logging
 import re
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -39,15 +38,18 @@ from PIL import Image
 
 from miroflow.config import Params
 from miroflow.evaluate import resolve_checkpoint, run_evaluate
+from miroflow.pipeline import MiroPipeline, load_pipeline
 from miroflow.prompts import load_prompt_set
-from miroflow.storage import Storage, join_uri
-from miroflow.tracking import StepDefaultTracker, optional_run
+from miroflow.results import eval_metrics
+from miroflow import plots
+from miroflow.storage import Storage, from_config, join_uri
+from miroflow.tts import tts_with_images
+from miroflow.util import resolve_device
+from miroflow.tracking import NullTracker, Tracker
+from miroflow.util import json_safe
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
-
-    from miroflow.pipeline import MiroPipeline
-    from miroflow.tracking import MlflowTracker
 
 __all__ = ["SweepPoint", "plan_points", "run_sweep"]
 
@@ -111,22 +113,13 @@ def _read_png(st: Storage, uri: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(st.read_bytes(uri))).convert("RGB"))
 
 
-def _eval_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
-    """The metrics run_evaluate logs, from its summary (same keys for every child run)."""
-    out: dict[str, float] = {f"eval/{tag}": float(a) for tag, a in summary["accuracy"].items()}
-    if summary.get("overall") is not None:
-        out["eval/overall"] = float(summary["overall"])
-    for name, s in summary["rewards"].items():
-        if s["mean"] is not None:
-            out[f"eval/reward/{name}"] = float(s["mean"])
-    return out
-
-
 def run_sweep(
     params: Params,
-    pipeline: "MiroPipeline | None" = None,
+    pipeline: MiroPipeline | None = None,
     storage: Storage | None = None,
     out_uri: str | None = None,
+    tracker: Tracker | None = None,
+    checkpoint: str | None = None,
 ) -> dict[str, Any]:
     """Run the guidance, reward-target and best-of-N grids of ``params.sweep`` on one model.
 
@@ -136,6 +129,8 @@ def run_sweep(
         pipeline: a loaded pipeline; ``None`` loads :func:`miroflow.evaluate.resolve_checkpoint`.
         storage: defaults to one built from ``params.storage``.
         out_uri: output prefix; default ``<root>/<sweep.output>/<run name>``.
+        tracker: the parent run (one child run per point); default records nothing.
+        checkpoint: the URI ``pipeline`` was loaded from (recorded; default ``eval.checkpoint``).
 
     Returns:
         The ``sweep.json`` dict: ``run_name``, ``output``, ``checkpoint``, ``prompt_set``,
@@ -144,21 +139,15 @@ def run_sweep(
         ``accuracy``, ``overall``, ``rewards`` {name: mean}, compute numbers for best-of-N),
         ``tts`` (the :func:`miroflow.tts.run_tts` dict, or ``None``), ``plots`` {name: uri}, ``notes``.
     """
-    from miroflow import plots
-    from miroflow.pipeline import load_pipeline
-    from miroflow.storage import from_config
-    from miroflow.tts import tts_with_images
 
     st = storage or from_config(params.storage)
     ev, sw = params.eval, params.sweep
-    checkpoint: str | None
+    parent = tracker or NullTracker()
     if pipeline is None:
-        import torch
-
         checkpoint = resolve_checkpoint(params, st)
-        pipeline = load_pipeline(checkpoint, storage=st, device="cuda" if torch.cuda.is_available() else "cpu")
+        pipeline = load_pipeline(checkpoint, storage=st, device=str(resolve_device()))
     else:
-        checkpoint = ev.checkpoint
+        checkpoint = checkpoint or ev.checkpoint
     pipeline.set_progress_bar_config(disable=True)
     run_label = pipeline.spec.run_name or params.train.run_name
     out = out_uri or join_uri(params.storage.root, sw.output, run_label)
@@ -171,113 +160,85 @@ def run_sweep(
     grids: dict[str, tuple[list[np.ndarray], list[str]]] = {}  # kind -> (columns [K, H, W, 3], labels)
     tts: dict[str, Any] | None = None
     plot_uris: dict[str, str] = {}
-    tags = {"stage": "sweep", "sweep.model": run_label, "sweep.checkpoint": str(checkpoint)}
-    with optional_run(params, f"sweep-{run_label}", tags=tags) as parent:
-        parent_id = parent.run_id if parent is not None else None
-        # ---- guidance and target points: one evaluate each
-        for pt in (p for p in points if p["kind"] != "best_of_n"):
-            ev_pt = ev.model_copy(update={"guidance_scale": pt["guidance_scale"], "reward_targets": pt["reward_targets"]})
-            p_pt = params.model_copy(update={"eval": ev_pt})
-            point_out = join_uri(out, "points", _slug(pt["name"].replace("/", "-")))
-            child_params = {"sweep.kind": pt["kind"], "sweep.point": pt["name"], "guidance_scale": pt["guidance_scale"],
-                            "reward_targets": json.dumps(pt["reward_targets"], sort_keys=True)}
-            with _child(parent, pt["name"], child_params, {"sweep.kind": pt["kind"]}) as child:
-                summary = run_evaluate(p_pt, pipeline=pipeline, storage=st, out_uri=point_out,
-                                       tracker=StepDefaultTracker(child) if child is not None else None)
-                run_id = child.run_id if child is not None else None
+    parent_id = parent.run_id
+    # ---- guidance and target points: one evaluate each
+    for pt in (p for p in points if p["kind"] != "best_of_n"):
+        ev_pt = ev.model_copy(update={"guidance_scale": pt["guidance_scale"], "reward_targets": pt["reward_targets"]})
+        p_pt = params.model_copy(update={"eval": ev_pt})
+        point_out = join_uri(out, "points", _slug(pt["name"].replace("/", "-")))
+        child_params = {"sweep.kind": pt["kind"], "sweep.point": pt["name"], "guidance_scale": pt["guidance_scale"],
+                        "reward_targets": json.dumps(pt["reward_targets"], sort_keys=True)}
+        with parent.child_run(pt["name"], params=child_params, tags={"sweep.kind": pt["kind"]}) as child:
+            summary = run_evaluate(p_pt, pipeline=pipeline, storage=st, out_uri=point_out, tracker=child)
+            run_id = child.run_id
+        results.append({
+            **pt, "run_id": run_id, "output": point_out, "accuracy": summary["accuracy"], "overall": summary["overall"],
+            "rewards": {k: v["mean"] for k, v in summary["rewards"].items()},
+            "reward_targets_resolved": summary["reward_targets"],
+        })
+        k = min(GRID_PROMPTS, summary["n_prompts"])
+        col = [_read_png(st, join_uri(point_out, f"{i:05d}", "samples", "0000.png")) for i in range(k)]
+        label = f"ω={_fmt(pt['x'])}" if pt["kind"] == "guidance" else f"{sw.target_reward}={_fmt(pt['x'])}"
+        grids.setdefault(pt["kind"], ([], []))[0].append(np.stack(col))
+        grids[pt["kind"]][1].append(label)
+
+    # ---- best-of-N: candidates once, one child per N
+    if sw.best_of_n:
+        tts, selected = tts_with_images(params, pipeline=pipeline, storage=st, out_uri=join_uri(out, "best_of_n"))
+        tts["checkpoint"] = checkpoint
+        for k_n, point in enumerate(tts["points"]):
+            n = point["n"]
+            name = f"best_of_n/n={n}"
+            metrics = eval_metrics(point.get("accuracy_by_tag", {}), point.get("overall"),
+                                   {r: s["mean"] for r, s in point["rewards"].items()})
+            metrics["tts/denoiser_evals_per_image"] = float(point["denoiser_evals_per_image"])
+            metrics["tts/reward_calls_per_image"] = float(point["reward_calls_per_image"])
+            child_params = {"sweep.kind": "best_of_n", "sweep.point": name, "n": n, "select_by": sw.select_by,
+                            "guidance_scale": ev.guidance_scale}
+            with parent.child_run(name, params=child_params, tags={"sweep.kind": "best_of_n"}) as child:
+                child.log_metrics(metrics, step=0)
+                child.log_dict(point, "eval/best_of_n.json")
+                run_id = child.run_id
             results.append({
-                **pt, "run_id": run_id, "output": point_out, "accuracy": summary["accuracy"], "overall": summary["overall"],
-                "rewards": {k: v["mean"] for k, v in summary["rewards"].items()},
-                "reward_targets_resolved": summary["reward_targets"],
+                "kind": "best_of_n", "name": name, "x": float(n), "n": n, "guidance_scale": float(ev.guidance_scale),
+                "reward_targets": dict(ev.reward_targets), "run_id": run_id, "output": tts["output"],
+                "accuracy": point.get("accuracy_by_tag", {}), "overall": point.get("overall"),
+                "rewards": {r: s["mean"] for r, s in point["rewards"].items()},
+                "denoiser_evals_per_image": point["denoiser_evals_per_image"],
+                "selection_reward_calls_per_image": point["selection_reward_calls_per_image"],
+                "reward_calls_per_image": point["reward_calls_per_image"],
             })
-            k = min(GRID_PROMPTS, summary["n_prompts"])
-            col = [_read_png(st, join_uri(point_out, f"{i:05d}", "samples", "0000.png")) for i in range(k)]
-            label = f"ω={_fmt(pt['x'])}" if pt["kind"] == "guidance" else f"{sw.target_reward}={_fmt(pt['x'])}"
-            grids.setdefault(pt["kind"], ([], []))[0].append(np.stack(col))
-            grids[pt["kind"]][1].append(label)
+            kk = min(GRID_PROMPTS, selected.shape[1])
+            grids.setdefault("best_of_n", ([], []))[0].append(selected[k_n, :kk])
+            grids["best_of_n"][1].append(f"N={n}")
 
-        # ---- best-of-N: candidates once, one child per N
-        if sw.best_of_n:
-            tts, selected = tts_with_images(params, pipeline=pipeline, storage=st, out_uri=join_uri(out, "best_of_n"))
-            tts["checkpoint"] = checkpoint
-            for k_n, point in enumerate(tts["points"]):
-                n = point["n"]
-                name = f"best_of_n/n={n}"
-                metrics = {f"eval/{t}": float(a) for t, a in point.get("accuracy_by_tag", {}).items()}
-                if point.get("overall") is not None:
-                    metrics["eval/overall"] = float(point["overall"])
-                metrics.update({f"eval/reward/{r}": float(s["mean"]) for r, s in point["rewards"].items() if s["mean"] is not None})
-                metrics["tts/denoiser_evals_per_image"] = float(point["denoiser_evals_per_image"])
-                metrics["tts/reward_calls_per_image"] = float(point["reward_calls_per_image"])
-                child_params = {"sweep.kind": "best_of_n", "sweep.point": name, "n": n, "select_by": sw.select_by,
-                                "guidance_scale": ev.guidance_scale}
-                with _child(parent, name, child_params, {"sweep.kind": "best_of_n"}) as child:
-                    if child is not None:
-                        child.log_metrics(metrics, step=0)
-                        child.log_dict(point, "eval/best_of_n.json")
-                    run_id = child.run_id if child is not None else None
-                results.append({
-                    "kind": "best_of_n", "name": name, "x": float(n), "n": n, "guidance_scale": float(ev.guidance_scale),
-                    "reward_targets": dict(ev.reward_targets), "run_id": run_id, "output": tts["output"],
-                    "accuracy": point.get("accuracy_by_tag", {}), "overall": point.get("overall"),
-                    "rewards": {r: s["mean"] for r, s in point["rewards"].items()},
-                    "denoiser_evals_per_image": point["denoiser_evals_per_image"],
-                    "selection_reward_calls_per_image": point["selection_reward_calls_per_image"],
-                    "reward_calls_per_image": point["reward_calls_per_image"],
-                })
-                kk = min(GRID_PROMPTS, selected.shape[1])
-                grids.setdefault("best_of_n", ([], []))[0].append(selected[k_n, :kk])
-                grids["best_of_n"][1].append(f"N={n}")
-
-        # ---- plots: to the sweep's output dir and as artifacts of the parent run
-        figures = _figures(results, tts, grids, prompts_shown, run_label, sw.target_reward, sw.select_by)
-        for fname, fig in figures.items():
-            uri = join_uri(out, "plots", fname)
-            st.write_bytes(uri, plots.png_bytes(fig))
-            plot_uris[fname] = uri
-            if parent is not None:
-                parent.log_figure(fig, f"plots/{fname}")
-        doc: dict[str, Any] = {
-            "run_name": run_label,
-            "output": out,
-            "checkpoint": checkpoint,
-            "prompt_set": ev.prompt_set,
-            "n_prompts": ev.num_prompts,
-            "steps": ev.steps,
-            "seed": ev.seed,
-            "parent_run_id": parent_id,
-            "points": results,
-            "tts": tts,
-            "plots": plot_uris,
-            "notes": notes,
-        }
-        doc = json.loads(json.dumps(doc, default=_json_default))
-        st.write_bytes(join_uri(out, "sweep.json"), (json.dumps(doc, indent=2) + "\n").encode())
-        if parent is not None:
-            parent.log_dict(doc, "sweep.json")
-            parent.set_tags({"sweep.output": out, "sweep.points": str(len(results))})
+    # ---- plots: to the sweep's output dir and as artifacts of the parent run
+    figures = _figures(results, tts, grids, prompts_shown, run_label, sw.target_reward, sw.select_by)
+    for fname, fig in figures.items():
+        uri = join_uri(out, "plots", fname)
+        st.write_bytes(uri, plots.figure_png(fig))
+        plot_uris[fname] = uri
+        parent.log_figure(fig, f"plots/{fname}")
+    doc: dict[str, Any] = {
+        "run_name": run_label,
+        "output": out,
+        "checkpoint": checkpoint,
+        "prompt_set": ev.prompt_set,
+        "n_prompts": ev.num_prompts,
+        "steps": ev.steps,
+        "seed": ev.seed,
+        "parent_run_id": parent_id,
+        "points": results,
+        "tts": tts,
+        "plots": plot_uris,
+        "notes": notes,
+    }
+    doc = json_safe(doc)
+    st.write_bytes(join_uri(out, "sweep.json"), (json.dumps(doc, indent=2) + "\n").encode())
+    parent.log_dict(doc, "sweep.json")
+    parent.set_tags({"sweep.output": out, "sweep.points": str(len(results))})
     log.info("sweep: %d points -> %s", len(results), out)
     return doc
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
-
-
-@contextmanager
-def _child(parent: "MlflowTracker | None", name: str, params: dict[str, Any], tags: dict[str, str]) -> Iterator["MlflowTracker | None"]:
-    """A child run of ``parent`` (or ``None`` when tracking is off)."""
-    if parent is None:
-        yield None
-        return
-    with parent.child_run(name, params=params, tags=tags) as child:
-        yield child
 
 
 def _series(points: list[dict[str, Any]]) -> dict[str, list[float | None]]:
@@ -303,8 +264,6 @@ def _figures(
     select_by: str,
 ) -> dict[str, "Figure"]:
     """Every sweep figure by file name."""
-    from miroflow import plots
-
     figs: dict[str, Figure] = {}
     guid = [p for p in results if p["kind"] == "guidance"]
     targ = [p for p in results if p["kind"] == "target"]

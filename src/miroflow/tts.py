@@ -42,9 +42,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from miroflow.config import Params
-from miroflow.evaluate import EvalTracker, ensure_pipeline, generate, judge_images, sample_seed, score_images
+from miroflow.evaluate import ensure_pipeline, generate, judge_images, sample_seed, score_images
 from miroflow.prompts import PromptItem, load_prompt_set
 from miroflow.storage import Storage, join_uri
+from miroflow.tracking import NullTracker, Tracker
+from miroflow.util import json_safe
 
 if TYPE_CHECKING:  # pragma: no cover
     from miroflow.pipeline import MiroPipeline
@@ -347,22 +349,6 @@ def generate_candidates(
 
 
 # --------------------------------------------------------------------------- outputs
-def _clean(v: Any) -> Any:
-    """Recursively make a value JSON-safe (numpy scalars -> Python, NaN/inf -> None)."""
-    if isinstance(v, dict):
-        return {str(k): _clean(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
-    if isinstance(v, np.ndarray):
-        return _clean(v.tolist())
-    if isinstance(v, (np.integer,)):
-        return int(v)
-    if isinstance(v, (float, np.floating)):
-        f = float(v)
-        return f if math.isfinite(f) else None
-    return v
-
-
 def tts_csv(result: Mapping[str, Any]) -> str:
     """One CSV row per N: ``n``, the compute columns, every reward's mean, then judge metrics."""
     extra = [k for k in ("accuracy", "overall", "judge_score") if k in result["curves"]]
@@ -380,31 +366,23 @@ def tts_csv(result: Mapping[str, Any]) -> str:
     return buf.getvalue()
 
 
-def _png(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def tts_with_images(
     params: Params,
     pipeline: "MiroPipeline | None" = None,
     storage: Storage | None = None,
-    tracker: EvalTracker | None = None,
+    tracker: Tracker | None = None,
     out_uri: str | None = None,
 ) -> tuple[dict[str, Any], np.ndarray]:
     """:func:`run_tts` that also returns the selected images ``[len(ns), P, H, W, 3]`` uint8."""
     from miroflow import plots
-    from miroflow.rewards.base import get_reward_factory
+    from miroflow.rewards import reward_spec
     from miroflow.storage import from_config
 
     ev, sw = params.eval, params.sweep
     st = storage or from_config(params.storage)
     reward_names = list(ev.rewards if ev.rewards is not None else params.score.rewards)
     if sw.select_by not in reward_names:
-        get_reward_factory(sw.select_by)  # an unknown name fails here, listing the valid ones
+        reward_spec(sw.select_by)  # an unknown name fails here, listing the valid ones
         reward_names.append(sw.select_by)
     if not sw.best_of_n:
         raise ValueError("sweep.best_of_n: empty N grid")
@@ -453,7 +431,7 @@ def tts_with_images(
             "model": {"run_name": spec.run_name, "step": spec.step, "reward_names": pipeline.reward_names},
         }
     )
-    res = _clean(res)
+    res = json_safe(res)
 
     # outputs
     lines = []
@@ -466,9 +444,9 @@ def tts_with_images(
                 "tag": it.tag,
                 "prompt": it.prompt,
                 "correct": None if not math.isfinite(cands.judge["correct"][i, j]) else bool(cands.judge["correct"][i, j]),
-                "judge_score": _clean(cands.judge["judge_score"][i, j]),
+                "judge_score": json_safe(cands.judge["judge_score"][i, j]),
             }
-            row.update({name: _clean(cands.scores[name][i, j]) for name in reward_names})
+            row.update({name: json_safe(cands.scores[name][i, j]) for name in reward_names})
             lines.append(json.dumps(row))
     st.write_bytes(join_uri(out, "candidates.jsonl"), ("\n".join(lines) + "\n").encode())
     st.write_bytes(join_uri(out, "tts.csv"), tts_csv(res).encode())
@@ -476,30 +454,26 @@ def tts_with_images(
     grid = np.transpose(selected_images[:, :k], (1, 0, 2, 3, 4))  # [k prompts, len(ns), H, W, 3]
     fig_grid = plots.image_grid(grid, [it.prompt for it in items[:k]], [f"N={n}" for n in res["ns"]],
                                 title=f"best-of-N by {sw.select_by}")
-    st.write_bytes(join_uri(out, "selected.png"), plots.png_bytes(fig_grid))
+    st.write_bytes(join_uri(out, "selected.png"), plots.figure_png(fig_grid))
     series = {name: res["curves"][name] for name in res["curves"]}
     fig_curve = plots.tradeoff(res["ns"], series, xlabel="N (candidates per prompt)",
                                title=f"best-of-N by {sw.select_by}: every metric of the selected images")
     fig_curve.axes[0].set_xscale("log", base=2)
-    st.write_bytes(join_uri(out, "tts.png"), plots.png_bytes(fig_curve))
+    st.write_bytes(join_uri(out, "tts.png"), plots.figure_png(fig_curve))
     st.write_bytes(join_uri(out, "tts.json"), (json.dumps(res, indent=2) + "\n").encode())
 
-    if tracker is not None:
-        tracker.set_tags({"tts.select_by": sw.select_by, "tts.output": out})
-        for point in res["points"]:
-            metrics = {f"tts/reward/{name}": s["mean"] for name, s in point["rewards"].items() if s["mean"] is not None}
-            for key in ("accuracy", "overall", "judge_score"):
-                if point.get(key) is not None:
-                    metrics[f"tts/{key}"] = point[key]
-            metrics["tts/denoiser_evals_per_image"] = point["denoiser_evals_per_image"]
-            tracker.log_metrics(metrics, step=point["n"])
-        tracker.log_dict(res, "tts/tts.json")
-        log_figure = getattr(tracker, "log_figure", None)
-        if callable(log_figure):
-            log_figure(fig_curve, "tts/tts.png")
-            log_figure(fig_grid, "tts/selected.png")
-        else:
-            tracker.log_image(plots.figure_to_array(fig_grid), key="tts/selected", step=0)
+    tracker = tracker or NullTracker()
+    tracker.set_tags({"tts.select_by": sw.select_by, "tts.output": out})
+    for point in res["points"]:
+        metrics = {f"tts/reward/{name}": s["mean"] for name, s in point["rewards"].items() if s["mean"] is not None}
+        for key in ("accuracy", "overall", "judge_score"):
+            if point.get(key) is not None:
+                metrics[f"tts/{key}"] = point[key]
+        metrics["tts/denoiser_evals_per_image"] = point["denoiser_evals_per_image"]
+        tracker.log_metrics(metrics, step=point["n"])
+    tracker.log_dict(res, "tts/tts.json")
+    tracker.log_figure(fig_curve, "tts/tts.png")
+    tracker.log_figure(fig_grid, "tts/selected.png")
     return res, selected_images
 
 
@@ -507,7 +481,7 @@ def run_tts(
     params: Params,
     pipeline: "MiroPipeline | None" = None,
     storage: Storage | None = None,
-    tracker: EvalTracker | None = None,
+    tracker: Tracker | None = None,
     out_uri: str | None = None,
 ) -> dict[str, Any]:
     """Best-of-N test-time scaling of one model on ``eval.prompt_set``.

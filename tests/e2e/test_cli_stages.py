@@ -15,6 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from miroflow.cli import app
+from miroflow.results import TrainResult
 
 SETTINGS = [
     "-S", "data.num_samples=64", "-S", "data.shard_size=32",
@@ -47,9 +48,10 @@ def test_stages_through_cli_with_mlflow(project: Path, mlflow_server: str) -> No
     assert "scored 2 shards" in _invoke("score")
     assert "bins for" in _invoke("bin")
     assert "embedded 2 shards" in _invoke("embed")
-    _invoke("train")
-    out = json.loads((project / "manifests" / "train.json").read_text())
-    assert out["steps"] == 6 and out["model_version"] == "1"
+    assert "manifest: manifests/train-e2e-miro.json" in _invoke("train")
+    out = json.loads((project / "manifests" / "train-e2e-miro.json").read_text())
+    assert TrainResult.from_dict(out).steps == 6  # the manifest is the stage's typed result
+    assert out["steps"] == 6 and out["model_version"] == "1" and out["kind"] == "miro"
     assert out["checkpoint"].endswith("runs/e2e-miro/final")
 
     client = MlflowClient(mlflow_server)
@@ -66,7 +68,8 @@ def test_stages_through_cli_with_mlflow(project: Path, mlflow_server: str) -> No
     assert client.get_model_version("e2e-miro", "1").run_id == run.info.run_id
 
     summary_text = _invoke("evaluate")
-    summary = json.loads((project / "manifests" / "eval.json").read_text())
+    summary = json.loads((project / "manifests" / "eval-e2e-miro.json").read_text())
+    assert summary["mlflow_run_id"] and summary["manifest"] == "manifests/eval-e2e-miro.json"
     assert set(summary["accuracy"]) == {"single_object", "two_object", "counting", "colors", "position", "color_attr"}
     assert Path(summary["output"], "00000", "metadata.jsonl").exists()
     assert "overall" in summary_text

@@ -1,11 +1,12 @@
 """Run ``run_train`` in a fresh process (plain or under ``torchrun``) for the integration tests.
 
 Usage: ``python ddp_worker.py OVERRIDES_JSON OUT_JSON [MAX_STEPS] [--resume]``. ``OVERRIDES_JSON``
-holds a list of ``key=value`` param overrides; rank 0 writes the result dict to ``OUT_JSON``.
+holds a list of ``key=value`` param overrides; rank 0 writes the ``TrainOutput`` as JSON to ``OUT_JSON``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -23,7 +24,7 @@ def main(argv: list[str]) -> None:
     params = apply_overrides(Params(), overrides)
     result = run_train(params, resume="--resume" in argv, max_steps=max_steps)
     if int(os.environ.get("RANK", "0")) == 0:
-        out.write_text(json.dumps(result))
+        out.write_text(json.dumps(dataclasses.asdict(result)))
 
 
 if __name__ == "__main__":

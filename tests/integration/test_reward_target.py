@@ -45,7 +45,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Params, str]:
     run_score(params)
     run_bin(params)
     out = run_train(params)
-    return params, out["checkpoint"]
+    return params, out.checkpoint
 
 
 def test_sharpness_target_moves_sharpness(trained: tuple[Params, str]) -> None:

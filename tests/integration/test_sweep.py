@@ -11,6 +11,8 @@ import pytest
 from tests.tiny_models import tiny_random_pipeline
 from miroflow.config import Params
 from miroflow.pipeline import MiroPipeline
+from miroflow import stages
+from miroflow.results import SweepResult
 from miroflow.sweep import plan_points, run_sweep
 
 REWARDS = ["sharpness", "contrast", "shapes_alignment"]
@@ -41,7 +43,9 @@ def test_sweep_logs_one_child_run_per_point_and_plots_on_the_parent(
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     params = _params(tmp_path / "store", experiment="sweep-test")
-    doc = run_sweep(params, pipeline=_pipe())
+    result = stages.sweep(params, pipeline=_pipe(), manifest=tmp_path / "manifests" / "sweep-tiny.json")
+    assert SweepResult.from_json((tmp_path / "manifests" / "sweep-tiny.json").read_text()) == result
+    doc = result.to_dict()
 
     client = MlflowClient(tracking_uri=mlflow_server)
     exp = client.get_experiment_by_name("sweep-test")

@@ -111,17 +111,18 @@ def test_default_local_store_writes_db_and_artifacts_under_work(tmp_path: Path, 
     assert run.data.metrics["loss"] == 0.5
 
 
-def test_mlflow_tracker_matches_the_trainers_tracker_protocol() -> None:
+def test_mlflow_and_null_trackers_match_the_one_tracker_protocol() -> None:
     import inspect
 
-    from miroflow.train import Tracker
-
-    names = [n for n, v in vars(Tracker).items() if inspect.isfunction(v) and not n.startswith("_")]
-    assert {"log_params", "log_metrics", "log_image", "log_dict", "set_tags", "log_checkpoint"} <= set(names)
-    for name in names:
-        want = list(inspect.signature(getattr(Tracker, name)).parameters)
-        got = list(inspect.signature(getattr(T.MlflowTracker, name)).parameters)
-        assert got == want, (name, got, want)
+    names = [n for n, v in vars(T.Tracker).items() if inspect.isfunction(v) and not n.startswith("_")]
+    assert {"log_params", "log_metrics", "log_image", "log_dict", "log_figure", "log_artifact", "set_tags",
+            "log_checkpoint", "register_model", "child_run"} <= set(names)
+    for impl in (T.MlflowTracker, T.NullTracker):
+        for name in names:
+            want = list(inspect.signature(getattr(T.Tracker, name)).parameters)
+            got = list(inspect.signature(getattr(impl, name)).parameters)
+            assert got == want, (impl.__name__, name, got, want)
+    assert isinstance(T.NullTracker(), T.Tracker)
 
 
 # --------------------------------------------------------------------------- against the server
@@ -184,18 +185,23 @@ def test_metrics_by_step(client: MlflowClient) -> None:
     assert [m.value for m in rew] == pytest.approx([0.0, 0.1, 0.2])
 
 
-def test_optional_run_and_step_default_tracker(client: MlflowClient) -> None:
-    with T.optional_run(_params(tracking={"enabled": False}), "off") as none:
-        assert none is None  # tracking disabled: no run, no server call
-    with T.optional_run(_params(), "on", tags={"stage": "evaluate"}) as tracker:
-        assert tracker is not None
-        wrapped = T.StepDefaultTracker(tracker, step=7)
-        wrapped.log_metrics({"eval/overall": 0.5})  # no step: the adapter's default
-        wrapped.log_metrics({"eval/overall": 0.25}, step=9)
-        assert wrapped.run_id == tracker.run_id  # everything else is forwarded
+def test_tracked_run_is_a_null_tracker_when_off_or_off_rank0(client: MlflowClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    with T.tracked_run(_params(tracking={"enabled": False}), "off") as off:
+        assert isinstance(off, T.NullTracker) and off.run_id is None  # tracking disabled: no run, no server call
+        with off.child_run("child", params={"a": 1}) as child:
+            assert isinstance(child, T.NullTracker)
+        assert off.register_model("x", "y") is None
+    monkeypatch.setenv("RANK", "1")
+    with T.tracked_run(_params(), "rank1") as r1:
+        assert isinstance(r1, T.NullTracker)  # only rank 0 records
+    monkeypatch.delenv("RANK")
+    with T.tracked_run(_params(), "on", tags={"stage": "evaluate"}) as tracker:
+        assert isinstance(tracker, T.MlflowTracker)
+        tracker.log_metrics({"eval/overall": 0.5})  # step defaults to 0
+        tracker.log_metrics({"eval/overall": 0.25}, step=9)
         run_id = tracker.run_id
     hist = sorted(client.get_metric_history(run_id, "eval/overall"), key=lambda m: m.step)
-    assert [(m.step, m.value) for m in hist] == [(7, 0.5), (9, 0.25)]
+    assert [(m.step, m.value) for m in hist] == [(0, 0.5), (9, 0.25)]
     assert client.get_run(run_id).data.tags["stage"] == "evaluate"
 
 

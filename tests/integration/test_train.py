@@ -86,11 +86,11 @@ def test_loss_falls_and_metrics_are_logged(data_overrides: list[str]) -> None:
     params = apply_overrides(Params(), train_overrides(data_overrides, "falls", "train.steps=60", "train.lr=2e-3"))
     tracker = RecordingTracker()
     out = run_train(params, tracker=tracker)
-    losses = out["losses"]
-    assert out["steps"] == 60 and len(losses) == 60 and all(math.isfinite(v) for v in losses)
+    losses = out.losses
+    assert out.steps == 60 and len(losses) == 60 and all(math.isfinite(v) for v in losses)
     first, last = float(np.mean(losses[:5])), float(np.mean(losses[-5:]))
     assert last < 0.8 * first, (first, last)
-    assert out["checkpoint"].endswith("runs/falls/final") and Path(out["checkpoint"], "miro.json").is_file()
+    assert out.checkpoint.endswith("runs/falls/final") and Path(out.checkpoint, "miro.json").is_file()
     step1 = dict(tracker.metrics)[1]
     assert {"loss", "lr", "grad_norm", "img_per_s"} <= set(step1)
     assert any(k.startswith("loss/t_bin_") for k in step1)
@@ -135,13 +135,13 @@ def test_sigkill_then_resume_is_bit_identical(data_overrides: list[str], tmp_pat
     killed_at = list_checkpoints(run_uri(params), storage)[-1][0]
     assert killed_at < 40
     resumed = run_train(params, resume=True)
-    assert resumed["steps"] == 40 and len(resumed["losses"]) == 40 - killed_at
+    assert resumed.steps == 40 and len(resumed.losses) == 40 - killed_at
     reference = run_train(apply_overrides(Params(), train_overrides(data_overrides, "uninterrupted", "train.steps=40", "train.checkpoint_every=5")))
-    a, b = _ema(resumed["checkpoint"]), _ema(reference["checkpoint"])
+    a, b = _ema(resumed.checkpoint), _ema(reference.checkpoint)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    assert resumed["losses"] == reference["losses"][killed_at:]
+    assert resumed.losses == reference.losses[killed_at:]
 
 
 @pytest.mark.slow
@@ -154,8 +154,8 @@ def test_torchrun_two_ranks_match_one_process(data_overrides: list[str], tmp_pat
     assert res.returncode == 0, res.stderr[-4000:]
     ddp = json.loads((tmp_path / "out.json").read_text())
     single = run_train(apply_overrides(Params(), train_overrides(data_overrides, "single", "train.checkpoint_every=100")), max_steps=10)
-    assert len(ddp["losses"]) == len(single["losses"]) == 10
-    np.testing.assert_allclose(ddp["losses"], single["losses"], atol=1e-4, rtol=0)
+    assert len(ddp["losses"]) == len(single.losses) == 10
+    np.testing.assert_allclose(ddp["losses"], single.losses, atol=1e-4, rtol=0)
 
 
 def test_resume_with_other_architecture_fails_naming_keys(data_overrides: list[str]) -> None:
@@ -173,15 +173,15 @@ def test_baseline_and_miro_differ_by_one_param(data_overrides: list[str]) -> Non
 
     miro = run_train(apply_overrides(Params(), train_overrides(data_overrides, "miro3", "train.steps=3")))
     base = run_train(apply_overrides(Params(), train_overrides(data_overrides, "base3", "train.steps=3", "train.rewards=[]")))
-    m_model, m_spec = load_model(miro["checkpoint"])
-    b_model, b_spec = load_model(base["checkpoint"])
+    m_model, m_spec = load_model(miro.checkpoint)
+    b_model, b_spec = load_model(base.checkpoint)
     assert m_spec["reward_names"] == ["sharpness", "noise", "contrast", "compressibility", "shapes_alignment"] and b_spec["reward_names"] == []
     assert b_spec["bins"] is None and m_spec["bins"]["num_bins"] == 16
     assert count_params(m_model) - count_params(b_model) == count_params(m_model.reward_embedder) > 0
-    assert all(math.isfinite(v) for v in miro["losses"] + base["losses"])
+    assert all(math.isfinite(v) for v in miro.losses + base.losses)
     # Zero-initialised reward path: at step 0 both models compute the same function on the same draws.
-    assert miro["losses"][0] == pytest.approx(base["losses"][0], abs=1e-6)
-    assert miro["losses"][-1] < miro["losses"][0] and base["losses"][-1] < base["losses"][0]
+    assert miro.losses[0] == pytest.approx(base.losses[0], abs=1e-6)
+    assert miro.losses[-1] < miro.losses[0] and base.losses[-1] < base.losses[0]
 
 
 def test_unknown_reward_is_named(data_overrides: list[str]) -> None:

@@ -102,7 +102,7 @@ def test_image_grid_figure_and_array(tmp_path: Path) -> None:
 
 def test_png_bytes_is_a_png() -> None:
     fig = plots.tradeoff([0, 1], {"r": [0.0, 1.0]}, xlabel="x")
-    data = plots.png_bytes(fig)
+    data = plots.figure_png(fig)
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
 
 

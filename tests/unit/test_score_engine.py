@@ -26,18 +26,10 @@ from miroflow.config import Params
 from miroflow.data.shards import decode_image, iter_shard, read_manifest
 from miroflow.prepare import data_hash, run_prepare
 from miroflow.rewards import RewardNotFound, register_reward
-from miroflow.score import (
-    ScoreError,
-    clear_reward_cache,
-    failures_uri,
-    load_rewards,
-    load_score_table,
-    read_table_meta,
-    run_bin,
-    run_score,
-    score_shard,
-    score_table_uri,
-)
+from miroflow.data.score_tables import ScoreError, failures_uri, load_score_table, read_table_meta
+from miroflow.rewards import clear_reward_cache, load_rewards
+from miroflow.score import run_bin, run_score, score_table_uri
+from miroflow.score_engine import score_shard
 from miroflow.storage import Storage
 
 SUFFIX = uuid.uuid4().hex[:8]
@@ -108,17 +100,17 @@ class Boom:
         return raw
 
 
-@register_reward(BRIGHT)
+@register_reward(BRIGHT, needs_weights=False, version="bright-v1")
 def _make_bright(**kwargs: Any) -> CountingBrightness:
     return CountingBrightness()
 
 
-@register_reward(CAPLEN)
+@register_reward(CAPLEN, needs_weights=False, version="caplen-v1")
 def _make_caplen(**kwargs: Any) -> CountingCaptionLength:
     return CountingCaptionLength()
 
 
-@register_reward(BOOM)
+@register_reward(BOOM, needs_weights=False, version="boom-v1")
 def _make_boom(**kwargs: Any) -> Boom:
     return Boom()
 
@@ -126,7 +118,7 @@ def _make_boom(**kwargs: Any) -> Boom:
 DEVICE_SEEN: list[str] = []
 
 
-@register_reward(DEVICE_ONLY)
+@register_reward(DEVICE_ONLY, needs_weights=False)
 def _make_device_only(device: str = "cpu") -> CountingBrightness:
     DEVICE_SEEN.append(device)
     return CountingBrightness()
@@ -363,7 +355,7 @@ KILL_SCRIPT = textwrap.dedent(
         def normalize(self, raw):
             return raw
 
-    @register_reward("slow_mean")
+    @register_reward("slow_mean", needs_weights=False)
     def _make(**kw) -> SlowMean:
         return SlowMean()
 

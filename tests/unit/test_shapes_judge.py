@@ -12,7 +12,7 @@ import torch
 from miroflow.config import DataConfig
 from miroflow.data import shapes
 from miroflow.rewards import shapes_judge as sj
-from miroflow.rewards.base import Reward, create_reward
+from miroflow.rewards import Reward, create_reward
 
 N_PER_CATEGORY = 100
 

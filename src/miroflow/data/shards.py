@@ -28,7 +28,11 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+import fsspec
 import numpy as np
+import webdataset
+from PIL import Image
+from tqdm.auto import tqdm
 
 from miroflow.data.sample import Sample
 from miroflow.storage import Storage, StorageError, join_uri, parse_uri
@@ -68,8 +72,6 @@ class ManifestError(ValueError):
 
 def encode_image(image: np.ndarray, image_format: str = "png") -> bytes:
     """Encode a ``uint8 [H, W, 3]`` RGB array as PNG (lossless) or JPEG (quality 95), deterministically."""
-    from PIL import Image
-
     arr = np.asarray(image)
     if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
         raise ValueError(f"image must be uint8 [H, W, 3], got {arr.dtype} {list(arr.shape)}")
@@ -91,8 +93,6 @@ def decode_image(data: bytes, name: str = "image") -> np.ndarray:
     Raises:
         ValueError: the bytes are not a decodable image (message names ``name`` and the cause).
     """
-    from PIL import Image
-
     if not data:
         raise ValueError(f"cannot decode {name}: empty data")
     try:
@@ -212,8 +212,6 @@ def write_shards(
         raise ValueError(f"split name {split!r} must match [A-Za-z0-9_-]+")
     if _norm_ext(image_format) not in ("png", "jpg"):
         raise ValueError(f"unsupported image_format {image_format!r}; use 'png' or 'jpg'")
-    from tqdm.auto import tqdm
-
     seen: set[str] = set()
 
     def checked(it: Iterable[Sample]) -> Iterator[Sample]:
@@ -626,8 +624,6 @@ def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> IO[
     """
     if mode != "rb":
         raise ValueError(f"s3 gopen supports only mode 'rb', got {mode!r} for {url}")
-    import fsspec
-
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     options: dict[str, Any] = {}
     if endpoint:
@@ -641,8 +637,6 @@ def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> IO[
 
 def register_s3_gopen() -> None:
     """Register an ``s3://`` opener in ``webdataset.gopen_schemes`` (idempotent)."""
-    import webdataset
-
     webdataset.gopen_schemes["s3"] = _gopen_s3
 
 
@@ -691,8 +685,6 @@ def make_webdataset(uris: list[str], decode_images: bool = True, **wds_kwargs: A
     pickle members or invalid keys are dropped with a warning. ``wds_kwargs`` go to ``WebDataset``
     (e.g. ``nodesplitter=webdataset.split_by_node`` under DDP).
     """
-    import webdataset
-
     if not uris:
         raise ValueError("make_webdataset needs at least one shard URI")
     urls = [wds_url(u) for u in uris]

@@ -40,7 +40,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from miroflow.conditioning import BinSet
+from miroflow.data.score_tables import SYNTHETIC_SUFFIX, load_score_table
 from miroflow.data.shards import decode_image, iter_shard, read_manifest
+from miroflow.data.sidecars import encode_captions, read_sidecar, record_captions
 from miroflow.storage import Storage
 
 __all__ = [
@@ -56,7 +58,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-SYNTHETIC_SUFFIX = "@synthetic"
 
 
 def step_seed(seed: int, step: int, stream: int = 0) -> int:
@@ -201,8 +202,6 @@ def _load_scores(
     score_manifest: str | Path, reward_names: list[str], binset: BinSet, storage: Storage
 ) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """``shard uri -> {key -> (orig [R], syn [R])}`` conditioning rows from every score table."""
-    from miroflow.score import load_score_table
-
     p = Path(score_manifest)
     try:
         manifest = json.loads(p.read_text(encoding="utf-8"))
@@ -222,8 +221,6 @@ def _load_sidecar_text(
     embeds_manifest: Path, spec: str, shards: list[dict[str, Any]], keys: list[str], storage: Storage
 ) -> tuple[TextArrays, TextArrays | None, Tensor | None, dict[str, Any]] | None:
     """Text arrays (+ raw latents) from the embed stage's sidecars, or None if they do not match."""
-    from miroflow.embed import read_sidecar
-
     if not embeds_manifest.is_file():
         return None
     man = json.loads(embeds_manifest.read_text())
@@ -281,7 +278,10 @@ def load_train_data(
         if unknown:
             raise KeyError(f"train.rewards: {unknown} not in the bins (bins have: {binset.names})")
     shards = read_manifest(shard_manifest)["shards"]
-    scores = _load_scores(score_manifest, reward_names, binset, storage) if reward_names else {}  # type: ignore[arg-type]
+    scores = (
+        _load_scores(score_manifest, reward_names, binset, storage)  # type: ignore[arg-type]
+        if reward_names else {}
+    )
     keys: list[str] = []
     images: list[np.ndarray] = []
     caps: list[str] = []
@@ -290,15 +290,14 @@ def load_train_data(
     syn_rows: list[np.ndarray] = []
     nan_row = np.full(len(reward_names), np.nan)
     n_unscored = 0
-    from miroflow.embed import record_captions
-
     for s in tqdm(shards, desc="load train data", unit="shard"):
         table = scores.get(s["uri"], {})
         if reward_names and not table:
             log.warning("shard %s has no score table; its rewards are absent (NaN)", s["uri"])
         for rec in iter_shard(s["uri"], storage):
             try:
-                img = decode_image(rec["image_bytes"], name=f"{s['uri']} key {rec['key']!r}") if latent == "pixel" else None
+                name = f"{s['uri']} key {rec['key']!r}"
+                img = decode_image(rec["image_bytes"], name=name) if latent == "pixel" else None
             except ValueError as err:
                 log.warning("skipping undecodable sample: %s", err)
                 continue
@@ -325,7 +324,10 @@ def load_train_data(
         syn_captions=syns if has_syn else None,
         reward_names=list(reward_names),
         rewards=torch.from_numpy(np.stack(rows).astype(np.float32)).reshape(len(keys), len(reward_names)),
-        syn_rewards=torch.from_numpy(np.stack(syn_rows).astype(np.float32)).reshape(len(keys), len(reward_names)) if has_syn else None,
+        syn_rewards=(
+            torch.from_numpy(np.stack(syn_rows).astype(np.float32)).reshape(len(keys), len(reward_names))
+            if has_syn else None
+        ),
     )
     side = None
     if embeds_manifest is not None and text_spec is not None:
@@ -333,8 +335,6 @@ def load_train_data(
     if side is not None:
         data.text, data.syn_text, data.latents = side[0], side[1], side[2]
     elif text_encoder is not None and not isinstance(text_encoder, torch.nn.Module):
-        from miroflow.embed import encode_captions
-
         t = encode_captions(text_encoder, caps)
         data.text = TextArrays(t["tokens"], t["mask"], t["pooled"])
         if has_syn:

@@ -1,18 +1,20 @@
-"""Reward protocol and registry.
+"""Reward protocol and the errors of the reward registry.
 
 Every reward scores a batch ``images: Tensor[B, 3, H, W]`` (float, RGB, values in [0, 1]) with
 their ``prompts: list[str]`` (length B) and returns raw values ``Tensor[B]`` (float32, on CPU).
-``normalize`` maps raw values to roughly [0, 1] (DESIGN §3) before binning.
+``normalize`` maps raw values to roughly [0, 1] (docs/design.md §3) before binning. Building rewards by
+name lives in :mod:`miroflow.rewards.registry`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["Reward", "get_reward_factory", "register_reward", "create_reward", "available_rewards", "RewardNotFound"]
+from miroflow.data.score_tables import ScoreError
+
+__all__ = ["Reward", "RewardNotFound", "RewardBuildError"]
 
 
 @runtime_checkable
@@ -32,10 +34,6 @@ class Reward(Protocol):
         ...
 
 
-RewardFactory = Callable[..., Reward]
-_REGISTRY: dict[str, RewardFactory] = {}
-
-
 class RewardNotFound(KeyError):
     """Unknown reward name; the message lists the valid names."""
 
@@ -43,48 +41,8 @@ class RewardNotFound(KeyError):
         return str(self.args[0])
 
 
-def register_reward(name: str) -> Callable[[RewardFactory], RewardFactory]:
-    """Decorator registering a factory ``(**kwargs) -> Reward`` under ``name``."""
+class RewardBuildError(ScoreError):
+    """A configured reward could not be built (bad weights, missing package, ...); names the reward.
 
-    def deco(factory: RewardFactory) -> RewardFactory:
-        if name in _REGISTRY:
-            raise ValueError(f"reward {name!r} registered twice")
-        _REGISTRY[name] = factory
-        return factory
-
-    return deco
-
-
-def _ensure_builtin() -> None:
-    # Importing the package registers the built-in rewards (heavy deps stay lazy inside factories).
-    import miroflow.rewards  # noqa: F401
-
-
-def available_rewards() -> list[str]:
-    """Sorted names of all registered rewards."""
-    _ensure_builtin()
-    return sorted(_REGISTRY)
-
-
-def get_reward_factory(name: str) -> RewardFactory:
-    """The registered factory of ``name`` (to inspect its signature or return class).
-
-    Raises:
-        RewardNotFound: for an unknown name, listing the valid ones.
+    A :class:`~miroflow.data.score_tables.ScoreError`, so callers of the score stage catch one type.
     """
-    _ensure_builtin()
-    if name not in _REGISTRY:
-        raise RewardNotFound(f"unknown reward {name!r}; valid rewards: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
-
-
-def create_reward(name: str, **kwargs: Any) -> Reward:
-    """Build a reward by name. ``kwargs`` go to its factory (e.g. ``weights=``, ``device=``).
-
-    Raises:
-        RewardNotFound: for an unknown name, listing the valid ones.
-    """
-    _ensure_builtin()
-    if name not in _REGISTRY:
-        raise RewardNotFound(f"unknown reward {name!r}; valid rewards: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name](**kwargs)

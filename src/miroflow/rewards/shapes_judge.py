@@ -12,7 +12,7 @@ fact against objects detected in the image:
   include + exclude). A relation adds "some subject match lies <rel> some object match" with
   GenEval's 60° rule on bbox centres (:func:`miroflow.data.shapes.relations_between`).
 - ``score`` = fraction of facts that hold; ``correct`` = all facts hold (GenEval-style).
-  A caption with no checkable fact is *unparseable*: ``score`` is NaN (an absent reward, DESIGN
+  A caption with no checkable fact is *unparseable*: ``score`` is NaN (an absent reward, docs/design.md
   §3: "a missing score is absent, never 0"), ``correct`` False, ``parsed`` False. The reward can be
   told to return a number instead (``unparseable_score=0.0``).
 - detection: the background colour is the median of the image border; each pixel's difference to
@@ -46,7 +46,7 @@ import torch
 from scipy import ndimage
 
 from miroflow.data.shapes import BACKGROUND, COLORS, MIN_SIZE, NUMBER_WORDS, SHAPES, relations_between
-from miroflow.rewards.base import register_reward
+from miroflow.rewards.registry import register_reward
 
 __all__ = [
     "ObjectPhrase",
@@ -194,7 +194,8 @@ def parse_caption(caption: str) -> ParsedCaption:
         if p.numbered:
             facts.append(Fact("count", f"exactly {p.count} {_describe(p, True, p.count != 1)}", i))
     if relation is not None:
-        facts.append(Fact("relation", f"{_describe(phrases[0])} {relation} {_describe(phrases[1])}", 0, obj=1, relation=relation))
+        text = f"{_describe(phrases[0])} {relation} {_describe(phrases[1])}"
+        facts.append(Fact("relation", text, 0, obj=1, relation=relation))
     return ParsedCaption(
         caption=caption,
         phrases=tuple(phrases),
@@ -245,7 +246,8 @@ class Detection:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-serialisable form."""
-        return {"shape": self.shape, "color": self.color, "bbox": list(self.bbox), "center": list(self.center), "area_px": self.area_px, "fill": self.fill}
+        return {"shape": self.shape, "color": self.color, "bbox": list(self.bbox), "center": list(self.center),
+                "area_px": self.area_px, "fill": self.fill}
 
 
 def _as_float_image(image: np.ndarray) -> np.ndarray:
@@ -374,7 +376,8 @@ def detect_objects(image: np.ndarray) -> list[Detection]:
         skew, ratio, fill = _shape_features(mass, level)
         box = (x0 / w, y0 / h, x1 / w, y1 / h)
         center = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
-        out.append(Detection(_classify(skew, ratio, fill), _COLOR_NAMES[ci], box, center, int(areas[j]), round(fill, 4)))
+        shape = _classify(skew, ratio, fill)
+        out.append(Detection(shape, _COLOR_NAMES[ci], box, center, int(areas[j]), round(fill, 4)))
     out.sort(key=lambda dt: -dt.area_px)
     return out
 
@@ -412,7 +415,9 @@ def _holds(fact: Fact, parsed: ParsedCaption, dets: list[Detection]) -> bool:
         return len(_matches(dets, p, True)) == p.count
     assert fact.obj is not None and fact.relation is not None
     objs = _matches(dets, parsed.phrases[fact.obj], True)
-    return any(a is not b and fact.relation in relations_between(a.bbox, b.bbox) for a in _matches(dets, p, True) for b in objs)
+    return any(
+        a is not b and fact.relation in relations_between(a.bbox, b.bbox) for a in _matches(dets, p, True) for b in objs
+    )
 
 
 def judge(image: np.ndarray, caption: str) -> JudgeResult:
@@ -471,6 +476,14 @@ class ShapesAlignmentReward:
         return raw.to(torch.float32)
 
 
-@register_reward("shapes_alignment")
-def _make_shapes_alignment(**kwargs: Any) -> ShapesAlignmentReward:
-    return ShapesAlignmentReward(**kwargs)
+@register_reward(
+    ShapesAlignmentReward.name,
+    needs_weights=False,
+    uses_prompt=ShapesAlignmentReward.uses_prompt,
+    version=ShapesAlignmentReward.version,
+)
+def _make_shapes_alignment(
+    device: str | torch.device | None = None, unparseable_score: float = float("nan")
+) -> ShapesAlignmentReward:
+    """Factory for :class:`ShapesAlignmentReward` (``device`` is ignored: the judge runs on the CPU)."""
+    return ShapesAlignmentReward(unparseable_score=unparseable_score)

@@ -1,7 +1,7 @@
 """Weight-free image rewards: sharpness, noise, contrast, compressibility.
 
 All four are image-only (``uses_prompt = False``), deterministic and need no model weights. They are
-designed to *agree on clean images* (DESIGN §4): a clean render (flat colours, hard edges, full
+designed to *agree on clean images* (docs/design.md §4): a clean render (flat colours, hard edges, full
 contrast, no artefacts) scores near the top of every one, and each drops under its matching
 degradation without being inflated by the others. In particular additive noise does not raise
 ``sharpness`` or ``contrast``: both subtract the energy that the measured noise level explains.
@@ -33,7 +33,8 @@ The constants keep 32-px images in ≈ [0, 1] without clipping busy clean scenes
 contrast are content-dependent (more/larger objects → more edges and variance): on 64 clean
 ``miroflow.data.shapes`` renders at 32 px the normalised values are sharpness 0.16–0.54 and contrast
 0.16–0.61 (10th–90th percentile), noise 1.0, compressibility 0.64–0.87. Quantile binning downstream
-only needs the ordering; the constants only keep values in ≈ [0, 1]. Values depend on resolution (per-pixel gradients), so compare rewards at one resolution.
+only needs the ordering; the constants only keep values in ≈ [0, 1]. Values depend on resolution
+(per-pixel gradients), so compare rewards at one resolution.
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ import zlib
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from miroflow.rewards.base import register_reward
+from miroflow.rewards.registry import register_reward
 
 __all__ = [
     "luminance",
@@ -229,8 +231,6 @@ def jpeg_payload_bytes(image_hwc: np.ndarray, quality: int = JPEG_QUALITY) -> in
     the bytes between the start-of-scan segment and the end-of-image marker count. Chroma is not
     subsampled (4:4:4) and the standard Huffman tables are used, so the size is deterministic.
     """
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(image_hwc, mode="RGB").save(buf, format="JPEG", quality=quality, subsampling=0, optimize=False)
     data = buf.getvalue()
@@ -257,7 +257,7 @@ class CompressibilityReward(_WeightFree):
     Direction, and why not plain "JPEG size / raw size": on shapes renders a plain JPEG size ranks
     blurred, low-contrast and already-JPEG-degraded images as *more* compressible than clean ones
     and noisy images as less, so neither direction lets a clean image top it while agreeing with
-    sharpness/contrast/noise (DESIGN §4). The ratio does: a clean render (flat colours, exact
+    sharpness/contrast/noise (docs/design.md §4). The ratio does: a clean render (flat colours, exact
     edges) is very cheap for a lossless coder but its hard edges cost JPEG bits (raw ≈ 1–3), while
     blur gradients, noise and JPEG artefacts make lossless coding expensive and contrast loss makes
     only the JPEG cheaper (raw ≈ 0.1–0.6). It decreases monotonically as JPEG quality of the input
@@ -285,38 +285,28 @@ class CompressibilityReward(_WeightFree):
         return (torch.log(x / lo) / math.log(hi / lo)).clamp(0.0, 1.0)
 
 
-@register_reward("sharpness")
-def _make_sharpness(**kwargs: object) -> SharpnessReward:
-    """Factory for :class:`SharpnessReward` (ignores ``device``/``weights``: CPU, weight-free)."""
-    _reject_weights("sharpness", kwargs)
+# ``device`` is accepted like every factory's and ignored (CPU); ``weights`` is refused by the registry.
+@register_reward(SharpnessReward.name, needs_weights=False, uses_prompt=False, version=SharpnessReward.version)
+def _make_sharpness(device: str | torch.device | None = None) -> SharpnessReward:
+    """Factory for :class:`SharpnessReward`."""
     return SharpnessReward()
 
 
-@register_reward("noise")
-def _make_noise(**kwargs: object) -> NoiseReward:
+@register_reward(NoiseReward.name, needs_weights=False, uses_prompt=False, version=NoiseReward.version)
+def _make_noise(device: str | torch.device | None = None) -> NoiseReward:
     """Factory for :class:`NoiseReward`."""
-    _reject_weights("noise", kwargs)
     return NoiseReward()
 
 
-@register_reward("contrast")
-def _make_contrast(**kwargs: object) -> ContrastReward:
+@register_reward(ContrastReward.name, needs_weights=False, uses_prompt=False, version=ContrastReward.version)
+def _make_contrast(device: str | torch.device | None = None) -> ContrastReward:
     """Factory for :class:`ContrastReward`."""
-    _reject_weights("contrast", kwargs)
     return ContrastReward()
 
 
-@register_reward("compressibility")
-def _make_compressibility(**kwargs: object) -> CompressibilityReward:
+@register_reward(
+    CompressibilityReward.name, needs_weights=False, uses_prompt=False, version=CompressibilityReward.version
+)
+def _make_compressibility(device: str | torch.device | None = None) -> CompressibilityReward:
     """Factory for :class:`CompressibilityReward`."""
-    _reject_weights("compressibility", kwargs)
     return CompressibilityReward()
-
-
-def _reject_weights(name: str, kwargs: dict[str, object]) -> None:
-    """Weight-free rewards accept ``device`` (ignored; they run on CPU) and ``weights=None`` only."""
-    unknown = set(kwargs) - {"device", "weights"}
-    if unknown:
-        raise TypeError(f"reward {name!r} got unexpected options: {', '.join(sorted(unknown))}")
-    if kwargs.get("weights") is not None:
-        raise ValueError(f"reward {name!r} is weight-free; remove score.reward_weights.{name} from params.yaml")

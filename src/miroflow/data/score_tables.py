@@ -1,0 +1,173 @@
+"""Score tables and the score manifest: the on-disk format written by the score stage, read by bin and train.
+
+Score tables (docs/architecture.md, "Score tables")
+---------------------------------------------------
+One parquet file per shard, ``<root>/scores/<dataset>/<shard-stem>.parquet`` (see
+:func:`miroflow.score.score_table_uri`). Columns, in order::
+
+    key                                  str
+    for each reward r (params order):
+        r.raw            float64   raw reward value (NaN = absent / failed)
+        r                float64   r.normalize(raw), ≈ [0, 1]; NaN stays NaN
+        r@synthetic.raw  float64   only for prompt-dependent rewards, only when the shard's
+        r@synthetic      float64   samples carry ``json["captions"]["synthetic"]``
+
+Schema metadata key ``miroflow`` holds JSON ``{"rewards": {name: version}, "shard": uri,
+"shard_sha256": hex, "n": rows, "failures": count, "synthetic": bool, "format": 1}``. Next to each
+table, ``<stem>.failures.jsonl`` lists the samples left out of it (:func:`failures_uri`).
+
+Score manifest
+--------------
+A local JSON file ``{"version": 1, "rewards": {name: version}, "tables": [{"shard", "uri", "n",
+"failures", "failures_uri"}], "num_rows": int}`` listing every table of one score run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from miroflow.storage import Storage
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+__all__ = [
+    "TABLE_FORMAT",
+    "SYNTHETIC_SUFFIX",
+    "ScoreError",
+    "failures_uri",
+    "table_bytes",
+    "read_table_meta",
+    "load_score_table",
+    "write_score_manifest",
+    "read_score_manifest",
+]
+
+#: Version of the score-table layout recorded in the parquet metadata.
+TABLE_FORMAT = 1
+#: Column suffix of prompt-dependent rewards scored with the synthetic caption.
+SYNTHETIC_SUFFIX = "@synthetic"
+_META_KEY = b"miroflow"
+
+
+class ScoreError(RuntimeError):
+    """Scoring failed; the message names the shard, the reward and/or the keys involved."""
+
+
+def failures_uri(table_uri: str) -> str:
+    """``<stem>.parquet`` → ``<stem>.failures.jsonl`` (same folder)."""
+    base = table_uri[: -len(".parquet")] if table_uri.endswith(".parquet") else table_uri
+    return base + ".failures.jsonl"
+
+
+def table_bytes(columns: dict[str, np.ndarray], meta: dict[str, Any]) -> bytes:
+    """Serialise one score table to parquet bytes.
+
+    Args:
+        columns: ``{"key": [n] object (str), <column>: [n] float64, ...}`` in table order.
+        meta: the ``miroflow`` metadata (stored as sorted-key JSON).
+    """
+    arrays = {
+        name: pa.array(col.tolist() if name == "key" else col, type=pa.string() if name == "key" else pa.float64())
+        for name, col in columns.items()
+    }
+    table = pa.table(arrays)
+    table = table.replace_schema_metadata({_META_KEY: json.dumps(meta, sort_keys=True).encode("utf-8")})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+def read_table_meta(uri: str, storage: Storage) -> dict[str, Any] | None:
+    """The ``miroflow`` metadata of the score table at ``uri``, or ``None`` if there is no table.
+
+    Raises:
+        ScoreError: the object exists but is not a score table we wrote.
+    """
+    if not storage.exists(uri):
+        return None
+    data = storage.read_bytes(uri)
+    try:
+        schema = pq.read_schema(io.BytesIO(data))
+        raw = (schema.metadata or {}).get(_META_KEY)
+        if raw is None:
+            raise ValueError("no 'miroflow' schema metadata")
+        meta = json.loads(raw.decode("utf-8"))
+        if not isinstance(meta, dict) or not isinstance(meta.get("rewards"), dict):
+            raise ValueError("metadata lacks a 'rewards' mapping")
+    except Exception as err:
+        raise ScoreError(f"score table {uri} is unreadable or foreign: {type(err).__name__}: {err}") from err
+    return meta
+
+
+def load_score_table(uri: str, storage: Storage | None = None) -> pd.DataFrame:
+    """Read a score table as a ``pandas.DataFrame`` (``[n rows, 1 + 2·columns]``).
+
+    ``df.attrs["miroflow"]`` holds the table metadata (rewards, shard, shard_sha256, ...).
+
+    Raises:
+        ScoreError: the object is not readable parquet.
+    """
+    storage = storage or Storage()
+    data = storage.read_bytes(uri)
+    try:
+        table = pq.read_table(io.BytesIO(data))
+    except Exception as err:
+        raise ScoreError(f"score table {uri} is not readable parquet: {type(err).__name__}: {err}") from err
+    df = table.to_pandas()
+    raw = (table.schema.metadata or {}).get(_META_KEY)
+    df.attrs["miroflow"] = json.loads(raw.decode("utf-8")) if raw else {}
+    return df
+
+
+def write_score_manifest(path: str | Path, rewards: dict[str, str], entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Write the local score manifest (JSON, atomic) and return it.
+
+    Args:
+        rewards: ``{name: version}`` of the run.
+        entries: one ``{"shard", "uri", "n", "failures"[, "failures_uri"]}`` per table (more keys ignored).
+
+    Content: ``{"version": 1, "rewards": {name: version}, "tables": [{"shard", "uri", "n",
+    "failures", "failures_uri"}], "num_rows": int}`` (tables sorted by shard URI).
+    """
+    tables = sorted(
+        ({"shard": e["shard"], "uri": e["uri"], "n": int(e["n"]), "failures": int(e["failures"]),
+          "failures_uri": e.get("failures_uri") or failures_uri(e["uri"])} for e in entries),
+        key=lambda t: t["shard"],
+    )
+    manifest = {"version": 1, "rewards": dict(rewards), "tables": tables,
+                "num_rows": int(sum(t["n"] for t in tables))}
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    Storage(retries=0).write_bytes(str(p), text.encode("utf-8"))
+    return manifest
+
+
+def read_score_manifest(path: str | Path) -> dict[str, Any]:
+    """Read and check a score manifest written by :func:`write_score_manifest`.
+
+    Raises:
+        ScoreError: missing file (run the score stage first), bad JSON or missing fields.
+    """
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise ScoreError(f"score manifest {p} does not exist (run the score stage first)") from err
+    except (OSError, json.JSONDecodeError) as err:
+        raise ScoreError(f"score manifest {p} is unreadable: {err}") from err
+    ok = isinstance(data, dict) and isinstance(data.get("rewards"), dict) and isinstance(data.get("tables"), list)
+    if not ok:
+        raise ScoreError(f"score manifest {p}: expected {{'rewards': {{...}}, 'tables': [...]}}")
+    for i, t in enumerate(data["tables"]):
+        if not isinstance(t, dict) or not isinstance(t.get("uri"), str):
+            raise ScoreError(f"score manifest {p}: tables[{i}] lacks a 'uri'")
+    return data

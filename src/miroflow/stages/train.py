@@ -1,0 +1,47 @@
+"""Stage entry point: train one model, track it, register it, write its per-run manifest."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+
+from miroflow.config import Params
+from miroflow.results import TrainResult
+from miroflow.stages._common import DEFAULT, run_manifest_path, write_result
+from miroflow.storage import Storage
+from miroflow.tracking import Tracker, tracked_run
+from miroflow.train import run_train
+
+__all__ = ["train", "model_kind"]
+
+
+def model_kind(params: Params) -> str:
+    """``baseline`` (no reward conditioning) or ``miro``."""
+    return "baseline" if params.train.rewards == [] else "miro"
+
+
+def train(params: Params, resume: bool = False, max_steps: int | None = None,
+          manifest: str | Path | None = DEFAULT, tracker: Tracker | None = None,
+          storage: Storage | None = None) -> TrainResult:
+    """Train (or resume) ``train.run_name`` (``miroflow train``), tracked in MLflow when ``tracking.enabled``.
+
+    The final model is registered as ``tracking.register_model`` when set and training reached
+    ``train.steps``. The manifest (default ``<manifests>/train-<run name>.json``) is written on rank 0.
+    ``tracker`` logs into that run instead of opening one (e.g. a study's child run); ``storage``
+    defaults to one built from ``params.storage``.
+    """
+    path = run_manifest_path(params, "train") if manifest == DEFAULT else manifest
+    kind = model_kind(params)
+    run: AbstractContextManager[Tracker] = (
+        nullcontext(tracker) if tracker is not None
+        else tracked_run(params, params.train.run_name, {"stage": "train", "model_kind": kind}))
+    with run as tracker:
+        out = run_train(params, storage=storage, tracker=tracker, resume=resume, max_steps=max_steps)
+        version = None
+        if params.tracking.register_model and out.steps == params.train.steps:
+            version = tracker.register_model(out.checkpoint, params.tracking.register_model)
+        result = TrainResult(run_name=params.train.run_name, kind=kind, checkpoint=out.checkpoint, loss=out.loss,
+                             steps=out.steps, wall_time_s=out.wall_time_s, mlflow_run_id=tracker.run_id,
+                             model_version=version, manifest=str(path) if path is not None else None)
+    write_result(result, path)
+    return result

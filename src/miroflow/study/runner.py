@@ -1,0 +1,452 @@
+"""The resumable stages of a study: data, train, curves (+ final), best-of-N, sweeps.
+
+Every stage calls :mod:`miroflow.stages` (and the plan's configs come from :mod:`miroflow.recipes`);
+each is idempotent: a run with a ``final/`` checkpoint and its ``study_train.json`` is not trained
+again, an evaluation whose ``summary.json`` matches its settings is reused, and so is a best-of-N
+document for the same checkpoint and grid.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from miroflow import stages
+from miroflow.checkpoint import list_checkpoints, run_uri
+from miroflow.config import Params
+from miroflow.data.shards import iter_shard
+from miroflow.models import create_denoiser
+from miroflow.recipes import derive
+from miroflow.results import EvalSummary
+from miroflow.storage import Storage, from_config, join_uri
+from miroflow.study import report
+from miroflow.study.config import StudyConfig, StudyPlan, load_study_config, validate_study
+from miroflow.study.machine import choose_threads, cpu_model, load_average, torch_threads
+from miroflow.tracking import NullTracker, Tracker, tracked_run
+from miroflow.tts import best_of_n
+from miroflow.util import json_safe, json_text
+
+__all__ = ["run_study", "StudyRun", "Curves", "found_prior_work", "read_json", "write_json", "study_metrics",
+           "evaluate", "stage_data", "stage_train", "stage_curves", "stage_tts", "stage_sweeps", "sample_images"]
+
+log = logging.getLogger(__name__)
+
+Metrics = dict[str, float | None]
+
+
+# --------------------------------------------------------------------------- small I/O
+def read_json(st: Storage, uri: str) -> Any | None:
+    """The JSON document at ``uri``, or ``None`` when there is none."""
+    return json.loads(st.read_bytes(uri)) if st.exists(uri) else None
+
+
+def write_json(st: Storage, uri: str, doc: Any) -> None:
+    """``doc`` (made JSON-safe) as indented JSON at ``uri``."""
+    st.write_bytes(uri, json_text(doc).encode())
+
+
+def found_prior_work(plan: StudyPlan, st: Storage) -> bool:
+    """Whether an earlier invocation left anything of this study size (artifacts or local manifests)."""
+    if st.list(plan.root.rstrip("/") + "/"):
+        return True
+    return plan.manifests.is_dir() and any(plan.manifests.iterdir())
+
+
+@dataclass
+class StudyRun:
+    """What the stages of one invocation share: the plan, storage, parent tracker and timings."""
+
+    plan: StudyPlan
+    st: Storage
+    parent: Tracker = field(default_factory=NullTracker)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        """Record the wall time of ``stage`` (seconds) in :attr:`timings`."""
+        t0 = time.time()
+        try:
+            yield
+        finally:
+            self.timings[stage] = time.time() - t0
+
+
+# --------------------------------------------------------------------------- metrics
+def study_metrics(s: EvalSummary) -> Metrics:
+    """The study's table keys of one evaluation, from :meth:`EvalSummary.metrics` (the one conversion):
+    ``overall``, ``acc/<category>`` and ``<reward>`` (``None`` where a value is missing)."""
+    m = s.metrics(prefix="")
+    out: Metrics = {"overall": m.get("overall")}
+    out.update({f"acc/{tag}": m.get(tag) for tag in s.accuracy})
+    out.update({name: m.get(f"reward/{name}") for name in s.rewards})
+    return out
+
+
+def _se(s: EvalSummary, rewards: Sequence[str]) -> dict[str, float]:
+    """Standard error of each reward's mean."""
+    return {r: (s.rewards[r].std or 0) / math.sqrt(max(1, s.rewards[r].n)) for r in rewards}
+
+
+def _reusable(doc: Mapping[str, Any], p: Params, checkpoint: str) -> bool:
+    """Whether a stored ``summary.json`` is the evaluation ``p`` of ``checkpoint`` would make."""
+    ev = p.eval
+    targets = doc.get("reward_targets") or {}
+    return (doc.get("checkpoint") == checkpoint and doc.get("prompt_set") == ev.prompt_set
+            and doc.get("images_per_prompt") == ev.images_per_prompt
+            and doc.get("n_images") == ev.images_per_prompt * doc.get("n_prompts", -1)
+            and doc.get("steps") == ev.steps and doc.get("seed") == ev.seed
+            and doc.get("guidance_scale") == ev.guidance_scale
+            and all(targets.get(k) == v for k, v in ev.reward_targets.items()))
+
+
+def evaluate(run: StudyRun, p: Params, checkpoint: str, out: str) -> EvalSummary:
+    """``stages.evaluate`` of ``checkpoint`` into ``out`` unless its summary is already there (idempotent)."""
+    done = read_json(run.st, join_uri(out, "summary.json"))
+    if done is not None and _reusable(done, p, checkpoint):
+        try:
+            return EvalSummary.from_dict(done)
+        except ValueError:
+            log.warning("study: %s/summary.json has another layout; evaluating again", out)
+    return stages.evaluate(derive(p, eval={"checkpoint": checkpoint}), out_uri=out, manifest=None, storage=run.st,
+                           tracker=NullTracker())
+
+
+# --------------------------------------------------------------------------- stages
+def stage_data(run: StudyRun) -> dict[str, Any]:
+    """Render, score, bin and embed the study's dataset; its statistics for the report."""
+    with run.timed("data"):
+        data = stages.data_stages(run.plan.params, run.st)
+    n = swapped = blurred = noisy = lowc = 0
+    for sh in data.prepare.shards:
+        for rec in iter_shard(sh.uri, run.st):
+            meta = rec.get("json") or {}
+            if isinstance(meta, (bytes, str)):
+                meta = json.loads(meta)
+            d = meta.get("degradations") or {}
+            n += 1
+            swapped += bool(meta.get("swapped"))
+            blurred += "blur" in d
+            noisy += "noise" in d
+            lowc += "low_contrast" in d or "contrast" in d
+    return {"num_samples": n, "swapped": swapped, "blurred": blurred, "noisy": noisy, "low_contrast": lowc,
+            "data_hash": data.prepare.data_hash, "bins_hash": data.bins.hash}
+
+
+def stage_train(run: StudyRun) -> dict[str, dict[str, Any]]:
+    """Train (or resume) every planned run; ``{name: record + role, spec, seed, checkpoints}``."""
+    plan, st = run.plan, run.st
+    info: dict[str, dict[str, Any]] = {}
+    own = 0.0  # threads of the training this invocation just ran (its share of the load average)
+    with run.timed("train"):
+        for pr in plan.runs:
+            run_dir = run_uri(pr.params)
+            rec_uri = join_uri(run_dir, "study_train.json")
+            rec = read_json(st, rec_uri)
+            final = join_uri(run_dir, "final")
+            if rec is None or not st.exists(join_uri(final, "miro.json")):
+                threads = choose_threads(plan.cfg.threads, own_load=own)  # re-chosen per run: other load changes
+                os.environ["OMP_NUM_THREADS"] = str(threads)
+                done = list_checkpoints(run_dir, st)
+                start = done[-1][0] if done else 0
+                log.info("study: training %s with %d thread(s) from step %d", pr.name, threads, start)
+                tags = {"study.kind": "train", "study.role": pr.spec.role, "study.run": pr.name}
+                with run.parent.child_run(f"train-{pr.name}", tags=tags) as tr:
+                    res = stages.train(pr.params, resume=True, tracker=tr, storage=st)
+                prev = rec["wall_time_s"] if rec else 0.0
+                rec = {"checkpoint": res.checkpoint, "steps": res.steps, "loss": res.loss,
+                       "wall_time_s": prev + res.wall_time_s, "mlflow_run_id": tr.run_id, "threads": threads,
+                       "s_per_step": res.wall_time_s / max(1, res.steps - start)}
+                write_json(st, rec_uri, rec)
+                own = float(threads)
+            ckpts = list(list_checkpoints(run_dir, st))
+            if not ckpts or ckpts[-1][0] != plan.steps:
+                ckpts.append((plan.steps, final))
+            info[pr.name] = {**rec, "role": pr.spec.role, "spec": pr.spec.name, "seed": pr.seed, "checkpoints": ckpts}
+    return info
+
+
+@dataclass(frozen=True)
+class Curves:
+    """Every run's convergence curve and final evaluation (table keys, and the summaries for MLflow)."""
+
+    curves: dict[str, dict[str, Any]]
+    final: dict[str, dict[str, Any]]
+    summaries: dict[str, list[tuple[int, EvalSummary]]]
+    final_summaries: dict[str, EvalSummary]
+
+
+def stage_curves(run: StudyRun, train: Mapping[str, Mapping[str, Any]]) -> Curves:
+    """Evaluate every checkpoint (curve set) and the final checkpoint (final set) of every run."""
+    plan = run.plan
+    curves: dict[str, dict[str, Any]] = {}
+    finals: dict[str, dict[str, Any]] = {}
+    summaries: dict[str, list[tuple[int, EvalSummary]]] = {}
+    final_summaries: dict[str, EvalSummary] = {}
+    with run.timed("eval"):
+        for name, rec in train.items():
+            pts = [(int(step), evaluate(run, plan.curve, uri, join_uri(plan.root, "eval", name, f"step-{step:08d}")))
+                   for step, uri in rec["checkpoints"]]
+            ms = [study_metrics(s) for _, s in pts]
+            curves[name] = {"steps": [s for s, _ in pts], "metrics": {k: [m.get(k) for m in ms] for k in ms[-1]}}
+            fin = evaluate(run, plan.final, rec["checkpoints"][-1][1], join_uri(plan.root, "eval", name, "final"))
+            finals[name] = {**study_metrics(fin), "_se": _se(fin, plan.rewards),
+                            "_summary_uri": join_uri(plan.root, "eval", name, "final", "summary.json")}
+            summaries[name], final_summaries[name] = pts, fin
+    return Curves(curves, finals, summaries, final_summaries)
+
+
+def _candidates(st: Storage, output: str, rewards: Sequence[str]) -> tuple[dict[str, np.ndarray],
+                                                                          dict[str, np.ndarray], list[str]]:
+    """Scores ``{reward: [P, Nmax]}``, judge arrays and prompt tags from a tts stage's ``candidates.jsonl``."""
+    rows = [json.loads(x) for x in st.read_bytes(join_uri(output, "candidates.jsonl")).decode().splitlines() if x]
+    p = 1 + max(r["prompt_index"] for r in rows)
+    n = 1 + max(r["sample_index"] for r in rows)
+
+    def grid(key: str, conv: Any = float) -> np.ndarray:
+        a = np.full((p, n), np.nan)
+        for r in rows:
+            if r.get(key) is not None:
+                a[r["prompt_index"], r["sample_index"]] = conv(r[key])
+        return a
+
+    tags = [""] * p
+    for r in rows:
+        tags[r["prompt_index"]] = r["tag"]
+    judge = {"correct": grid("correct", lambda v: 1.0 if v else 0.0), "judge_score": grid("judge_score")}
+    return {name: grid(name) for name in rewards}, judge, tags
+
+
+def stage_tts(run: StudyRun, train: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Best-of-N of the MIRO and baseline runs (first seed of each): ``stages.tts`` generates and scores
+    the candidates once; selecting by every reward then reuses its ``candidates.jsonl``."""
+    plan, st, cfg = run.plan, run.st, run.plan.cfg
+    n_max, ns = max(cfg.best_of_n), sorted(set(cfg.best_of_n))
+    out: dict[str, Any] = {}
+    with run.timed("tts"):
+        for label in ("miro", "baseline"):
+            name = plan.tts_runs[label]
+            ckpt = train[name]["checkpoints"][-1][1]
+            uri = join_uri(plan.root, "tts", f"{name}.json")
+            ev = plan.tts.eval
+            key = {"checkpoint": ckpt, "n_max": n_max, "ns": ns, "prompt_set": ev.prompt_set, "steps": ev.steps,
+                   "guidance_scale": ev.guidance_scale, "seed": ev.seed}
+            doc = read_json(st, uri)
+            if doc is None or any(doc.get(k) != v for k, v in key.items()):
+                p = derive(plan.tts, eval={"checkpoint": ckpt}, train={"run_name": name})
+                with run.parent.child_run(f"tts-{name}", tags={"study.kind": "tts", "study.run": name}) as tr:
+                    res = stages.tts(p, out_uri=join_uri(plan.root, "tts", name), storage=st, tracker=tr)
+                scores, judge, tags = _candidates(st, res.output, plan.rewards)
+                by = {}
+                for sel in plan.rewards:
+                    r = best_of_n(scores, select_by=sel, ns=cfg.best_of_n, judge=judge, tags=tags,
+                                  steps=plan.sz.eval_steps, guidance_scale=cfg.guidance_scale)
+                    by[sel] = {"ns": r["ns"], "curves": r["curves"], "compute": r["compute"]}
+                doc = {**key, "run": name, "n_prompts": res.n_prompts, "select_by": by}
+                write_json(st, uri, doc)
+            out[label] = doc
+    return out
+
+
+def stage_sweeps(run: StudyRun, train: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The ``target_reward`` target sweep and the ω sweep of the MIRO run (first seed); one child run per point."""
+    plan, cfg = run.plan, run.plan.cfg
+    name = plan.sweep_run
+    ckpt = train[name]["checkpoints"][-1][1]
+    tr = cfg.target_reward
+    res: dict[str, Any] = {"run": name, "target": [], "guidance": []}
+    summaries: dict[str, list[EvalSummary]] = {"target": [], "guidance": []}
+    with run.timed("sweeps"):
+        for x, p in plan.target_points:
+            s = evaluate(run, p, ckpt, join_uri(plan.root, "sweeps", f"target-{tr}-{x:g}"))
+            res["target"].append({"x": x, **study_metrics(s), "se": _se(s, plan.rewards)})
+            summaries["target"].append(s)
+        for w, p in plan.guidance_points:
+            s = evaluate(run, p, ckpt, join_uri(plan.root, "sweeps", f"guidance-{w:g}"))
+            res["guidance"].append({"x": w, **study_metrics(s)})
+            summaries["guidance"].append(s)
+        for kind, key in (("target", f"target.{tr}"), ("guidance", "guidance_scale")):
+            for pt, s in zip(res[kind], summaries[kind]):
+                tags = {"study.kind": f"sweep-{kind}", "study.run": name}
+                with run.parent.child_run(f"sweep-{kind}-{pt['x']:g}", tags=tags) as c:
+                    c.log_params({"sweep.kind": kind, key: pt["x"], "checkpoint": ckpt})
+                    c.log_metrics(s.metrics(), step=0)
+    return res
+
+
+def sample_images(run: StudyRun, train: Mapping[str, Any],
+                  n_prompts: int = 6) -> tuple[np.ndarray, list[str], list[str]]:
+    """First image of the first prompts of every run's final eval: ``[runs, prompts, H, W, 3]``, labels, prompts."""
+    rows, labels = [], []
+    prompts: list[str] = []
+    for name in train:
+        out = join_uri(run.plan.root, "eval", name, "final")
+        recs = [json.loads(x) for x in run.st.read_bytes(join_uri(out, "results.jsonl")).decode().splitlines()]
+        firsts = [r for r in recs if r["sample_index"] == 0][:n_prompts]
+        prompts = [r["prompt"] for r in firsts]
+        rows.append(np.stack([_png(run.st.read_bytes(join_uri(out, r["path"]))) for r in firsts]))
+        labels.append(name)
+    return np.stack(rows), labels, prompts
+
+
+def _png(data: bytes) -> np.ndarray:
+    """PNG bytes -> ``[H, W, 3]`` uint8."""
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+# --------------------------------------------------------------------------- entry point
+def run_study(params: Params, size: str = "default", out_dir: str | Path = "docs", storage: Storage | None = None,
+              study_config: str | Path | StudyConfig | None = "study.yaml") -> dict[str, Any]:
+    """Run (or resume) the whole study and write ``<out_dir>/results.md`` + ``<out_dir>/figures/*.png``.
+
+    The study is validated first (:func:`~miroflow.study.config.validate_study`): a study that
+    cannot run is refused before any data or training work.
+
+    Args:
+        params: the project params (``params.yaml``); the study's own settings come from ``study_config``.
+        size: a size of ``study.yaml`` (``default`` = the report, ``quick`` = a smoke test of the mechanics).
+        out_dir: where ``results.md`` and ``figures/`` are written (``docs`` for the committed report).
+        storage: defaults to one built from ``params.storage``.
+        study_config: path of ``study.yaml`` or a :class:`~miroflow.study.config.StudyConfig`.
+
+    Returns:
+        The study dict (also ``<storage.root>/study/<size>/study.json``): claims, final table,
+        curves, speed-ups, TTS, sweeps, compute, ``results`` (path of results.md), ``figures``.
+
+    Raises:
+        ParamsError: the study cannot run (one ``study.<key>: problem`` line each).
+    """
+    t_start = time.time()
+    cfg = study_config if isinstance(study_config, StudyConfig) else load_study_config(study_config)
+    plan = validate_study(cfg, params, size)
+    st = storage or from_config(plan.params.storage)
+    prior = found_prior_work(plan, st)
+    plan.manifests.mkdir(parents=True, exist_ok=True)
+    load, threads = load_average(), choose_threads(cfg.threads)
+    log.info("study %s: root %s, %d threads (load %.1f), %s", size, plan.root, threads, load,
+             "resuming earlier work" if prior else "from scratch")
+    out = Path(out_dir)
+    with torch_threads(threads), tracked_run(plan.params, f"study-{size}",
+                                             {"study.size": size, "study.kind": "study"}) as parent:
+        run = StudyRun(plan, st, parent)
+        data = stage_data(run)
+        train = stage_train(run)
+        ev = stage_curves(run, train)
+        tts = stage_tts(run, train)
+        sweeps = stage_sweeps(run, train)
+        study = _study_doc(run, data, train, ev, tts, sweeps)
+        study["compute"] = _compute(run, train, t_start, threads, load, prior)
+        study["notes"] = report.notes(study) + list(cfg.notes.get(size, []))
+        figs = report.write_figures(study, sample_images(run, train), out / "figures")
+        results = out / "results.md"
+        results.write_text(report.markdown(study, figs))
+        study["results"] = str(results)
+        study["figures"] = {k: str(v) for k, v in figs.items()}
+        write_json(st, join_uri(plan.root, "study.json"), study)
+        _log_study(run, study, train, ev, results, figs)
+    log.info("study %s done in %.1f min: %s", size, (time.time() - t_start) / 60, results)
+    return study
+
+
+def _study_doc(run: StudyRun, data: dict[str, Any], train: Mapping[str, Mapping[str, Any]], ev: Curves,
+               tts: dict[str, Any], sweeps: dict[str, Any]) -> dict[str, Any]:
+    """The study dict (everything but compute, notes and outputs) with its claims judged."""
+    plan, cfg, sz = run.plan, run.plan.cfg, run.plan.sz
+    rewards = list(plan.rewards)
+    groups: dict[str, list[str]] = {}
+    for name, rec in train.items():
+        groups.setdefault(rec["role"], []).append(name)
+    steps_list, sp = report.speedups(ev.curves, groups, rewards)
+    tr = cfg.target_reward
+    tgt = {"reward": tr, "targets": [p["x"] for p in sweeps["target"]], "values": [p.get(tr) for p in sweeps["target"]],
+           "se": [p["se"].get(tr) for p in sweeps["target"]]} if tr in rewards else {}
+    tp = plan.params.train
+    n_params = sum(p.numel() for p in create_denoiser(tp.model, rewards, text_dim=384, pooled_dim=384, in_channels=3,
+                                                      sample_size=plan.params.data.resolution).parameters())
+    seeds = {role: plan.run(name).seed for role, name in plan.tts_runs.items()}
+    tts_seeds = (f"MIRO and baseline seed {seeds['miro']}" if seeds["miro"] == seeds["baseline"]
+                 else f"MIRO seed {seeds['miro']} and baseline seed {seeds['baseline']}")
+    study: dict[str, Any] = {
+        "size": plan.size, "root": plan.root, "experiment": cfg.experiment,
+        "command": "miroflow study" + (" --quick" if plan.size == "quick" else ""),
+        "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "rewards": rewards, "data": data, "resolution": plan.params.data.resolution,
+        "num_bins": plan.params.score.num_bins, "model": tp.model, "model_params": n_params,
+        "text_encoder": tp.text_encoder, "steps": plan.steps, "batch_size": tp.batch_size, "lr": tp.lr,
+        "ema_decay": tp.ema_decay, "reward_dropout": tp.reward_dropout, "all_reward_dropout": tp.all_reward_dropout,
+        "runs": {pr.name: {"role": pr.spec.role, "rewards": "all" if pr.spec.rewards is None else pr.spec.rewards,
+                           "syn": pr.spec.synthetic_caption_prob, "seed": pr.seed} for pr in plan.runs},
+        "groups": groups, "eval_steps": sz.eval_steps, "guidance_scale": cfg.guidance_scale, "eval_seed": cfg.eval_seed,
+        "curve_set": f"{6 * sz.curve_prompts_per_category} prompts (shapes:{sz.curve_prompts_per_category}) × "
+                     f"{sz.curve_images_per_prompt} images",
+        "final_set": f"{6 * sz.final_prompts_per_category} prompts (shapes:{sz.final_prompts_per_category}) × "
+                     f"{sz.final_images_per_prompt} images",
+        "tts_set": f"{6 * sz.tts_prompts_per_category} prompts (shapes:{sz.tts_prompts_per_category}) × "
+                   f"{max(cfg.best_of_n)} candidates, {tts_seeds}",
+        "sweep_set": f"{6 * sz.sweep_prompts_per_category} prompts × {sz.sweep_images_per_prompt} images, "
+                     f"ω = {cfg.guidance_scale:g} for the target sweep, all targets 1 vs 0 for the ω sweep",
+        "eval_steps_list": steps_list, "target_reward": tr,
+        "final": {n: {k: v for k, v in f.items() if not k.startswith("_")} for n, f in ev.final.items()},
+        "curves": ev.curves, "speedup": sp, "tts": report.tts_claims(tts, rewards), "tts_raw": tts, "sweeps": sweeps,
+        "target_sweep": tgt, "mlflow_run_id": run.parent.run_id,
+    }
+    study["claims"] = report.judge_claims(study)
+    return study
+
+
+def _compute(run: StudyRun, train: Mapping[str, Mapping[str, Any]], t_start: float, threads: int, load: float,
+             prior: bool) -> dict[str, Any]:
+    """Machine, wall times and budget bookkeeping; ``first_full_min`` only ever comes from an invocation
+    that started from scratch (``None`` while none has finished)."""
+    total = time.time() - t_start
+    prev = read_json(run.st, join_uri(run.plan.root, "study.json")) or {}
+    pc = prev.get("compute") or {}
+    return {
+        "cores": os.cpu_count(), "cpu_model": cpu_model(), "threads": threads, "load_avg": load,
+        "torch": torch.__version__, "total_min": total / 60, "stages_s": dict(run.timings),
+        "train_min": sum(r["wall_time_s"] for r in train.values()) / 60,
+        "train_per_run_min": {n: r["wall_time_s"] / 60 for n, r in train.items()},
+        "train_threads": {n: r.get("threads") for n, r in train.items()},
+        "s_per_step": {n: r.get("s_per_step") for n, r in train.items()},
+        "cumulative_min": float(pc.get("cumulative_min", 0.0)) + total / 60,
+        "invocations": int(pc.get("invocations", 0)) + 1,
+        "found_prior_work": prior, "from_scratch": not prior,
+        "first_full_min": pc.get("first_full_min") if prior else total / 60,
+        "budget_min": run.plan.sz.budget_min,
+    }
+
+
+def _log_study(run: StudyRun, study: Mapping[str, Any], train: Mapping[str, Mapping[str, Any]], ev: Curves,
+               results: Path, figs: Mapping[str, Path]) -> None:
+    """The study's numbers, report and figures on the parent run; each run's curve and final numbers
+    in an ``eval-<run>`` child (nothing is recorded with tracking off)."""
+    parent = run.parent
+    m: dict[str, float] = {}
+    for name, s in ev.final_summaries.items():
+        m.update(s.metrics(prefix=f"final/{name}/"))
+    m.update({f"speedup/{r}": float(x["speedup"]) for r, x in study["speedup"].items() if x.get("speedup") is not None})
+    m.update({f"claim/{i}": float(c["reproduced"]) for i, c in enumerate(study["claims"], 1)})
+    parent.log_metrics(m, step=0)
+    parent.log_dict(json_safe(study), "study.json")
+    parent.log_artifact(results, "report")
+    for p in figs.values():
+        parent.log_artifact(p, "report/figures")
+    for name in train:
+        tags = {"study.kind": "eval", "study.run": name, "train_run_id": str(train[name].get("mlflow_run_id"))}
+        with parent.child_run(f"eval-{name}", tags=tags) as c:
+            for step, s in ev.summaries[name]:
+                c.log_metrics(s.metrics(), step=step)
+            c.log_metrics(ev.final_summaries[name].metrics(prefix="final/"), step=int(run.plan.steps))

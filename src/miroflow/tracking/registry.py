@@ -1,0 +1,102 @@
+"""The MLflow model registry: a training run's final checkpoint as a registered model version."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from miroflow.storage import Storage, parse_uri
+from miroflow.tracking.uris import resolve_tracking_uri
+
+__all__ = ["register_model"]
+
+log = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------- model registry
+
+#: Files copied from a checkpoint directory into the registered model artifact.
+_MODEL_FILE_SUFFIXES = (".safetensors", ".json")
+
+
+def _copy_checkpoint(src: str | Path, dst: Path) -> int:
+    """Copy the ``*.safetensors``/``*.json`` files of a local dir or URI prefix into ``dst``; returns the count."""
+
+    s = str(src)
+    p = parse_uri(s)
+    n = 0
+    if p.kind == "file":
+        root = p.path
+        if not root.is_dir():
+            raise FileNotFoundError(f"checkpoint directory not found: {src}")
+        for f in sorted(root.rglob("*")):
+            if f.is_file() and f.name.endswith(_MODEL_FILE_SUFFIXES) and not f.name.endswith(".tmp"):
+                target = dst / f.relative_to(root)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f, target)
+                n += 1
+        return n
+    storage = Storage()
+    prefix = s.rstrip("/") + "/"
+    for uri in storage.list(prefix):
+        rel = uri[len(prefix) :]
+        if rel.endswith(_MODEL_FILE_SUFFIXES):
+            target = dst / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(storage.read_bytes(uri))
+            n += 1
+    if n == 0:
+        raise FileNotFoundError(f"no *.safetensors/*.json files under checkpoint {src}")
+    return n
+
+
+def register_model(
+    run_id: str,
+    artifact_path_or_uri: str | Path,
+    name: str,
+    tracking_uri: str | None = None,
+    artifact_path: str = "final",
+) -> str:
+    """Register a model version for the end of training; returns the version (e.g. ``"1"``).
+
+    ``artifact_path_or_uri`` is either a checkpoint directory (local path, ``file://`` or ``s3://``
+    prefix: its ``*.safetensors`` and ``*.json`` files are copied into the run's artifacts under
+    ``artifact_path``), a ``runs:/<id>/<path>`` URI, or the path of an artifact already in the run.
+    The registered model ``name`` is created if it does not exist.
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or resolve_tracking_uri(None)
+    client = MlflowClient(tracking_uri=uri, registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or uri)
+    src = str(artifact_path_or_uri)
+    if src.startswith("runs:/"):
+        source = src
+    else:
+        is_checkpoint = src.startswith(("s3://", "file://")) or Path(src).is_dir()
+        if is_checkpoint:
+            with tempfile.TemporaryDirectory(prefix="miroflow-register-") as tmp:
+                n = _copy_checkpoint(src, Path(tmp))
+                if n == 0:
+                    raise FileNotFoundError(f"no *.safetensors/*.json files under checkpoint {src}")
+                client.log_artifacts(run_id, tmp, artifact_path)
+            rel = artifact_path
+        else:
+            rel = src.strip("/")
+            listed = client.list_artifacts(run_id, rel)
+            if not listed:
+                raise FileNotFoundError(f"{src!r} is neither a checkpoint directory nor an artifact of run {run_id}")
+        source = f"runs:/{run_id}/{rel}"
+    try:
+        client.create_registered_model(name)
+    except MlflowException as e:
+        if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
+            raise
+    mv = client.create_model_version(name, source=source, run_id=run_id)
+    version = str(mv.version)
+    log.info("registered model %s version %s from %s", name, version, source)
+    return version
+
+

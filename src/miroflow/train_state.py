@@ -1,0 +1,274 @@
+"""Everything a training run holds between steps (:class:`TrainState`) and how it is built and saved.
+
+:func:`create_train_state` builds the state from already-loaded :class:`TrainInputs` (data, codec,
+denoiser, text encoders, an optional resume checkpoint); :func:`miroflow.train.build_train_state`
+loads those from ``params`` + storage and calls it, and a benchmark or a test may call it with
+in-memory inputs. The state is mutated only by :func:`miroflow.train_step.train_step`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from miroflow.checkpoint import ResumeState, run_uri, save_checkpoint
+from miroflow.config import Params, TrainConfig
+from miroflow.data.train_data import GlobalBatchOrder, TextArrays, TrainData, rank_slice
+from miroflow.models import MiroDenoiser, TextEncoder
+from miroflow.storage import Storage, from_config
+from miroflow.tracking import NullTracker, Tracker
+
+if TYPE_CHECKING:
+    from diffusers.training_utils import EMAModel
+
+__all__ = [
+    "DistContext",
+    "TrainNet",
+    "TrainInputs",
+    "TrainState",
+    "setup_dist",
+    "teardown_dist",
+    "check_train_config",
+    "lr_lambda",
+    "create_train_state",
+    "train_state_dict",
+    "save_train_checkpoint",
+]
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process trains: ``rank`` of ``world`` on ``device``; ``own_group``: we created the group."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    own_group: bool = False
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the only process that logs and writes."""
+        return self.rank == 0
+
+
+def setup_dist(device: str) -> DistContext:
+    """Read ``WORLD_SIZE``/``RANK``/``LOCAL_RANK``, pick the device (``train.device``), set CPU threads and
+    initialise the process group (gloo on CPU, nccl on GPU) when ``WORLD_SIZE > 1``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device in ("auto", "cuda"):
+        use_cuda = torch.cuda.is_available() if device == "auto" else True
+        dev = torch.device(f"cuda:{local}" if use_cuda else "cpu")
+    else:
+        dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    else:
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // world)))
+    init = world > 1 and not dist.is_initialized()
+    if init:
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return DistContext(rank, world, dev, init)
+
+
+def teardown_dist(ctx: DistContext) -> None:
+    """Barrier across ranks, then destroy the process group if :func:`setup_dist` created it."""
+    if ctx.world > 1:
+        dist.barrier()
+        if ctx.own_group:
+            dist.destroy_process_group()
+
+
+def check_train_config(tp: TrainConfig, world: int) -> None:
+    """Raises ValueError naming the field: an optimizer other than AdamW, or ``train.batch_size`` not
+    divisible by ``world × train.grad_accum``."""
+    if tp.optimizer != "adamw":
+        raise ValueError(f"train.optimizer: {tp.optimizer!r} is not offered by miroflow.train; use 'adamw'")
+    if tp.batch_size % (world * tp.grad_accum):
+        raise ValueError(f"train.batch_size {tp.batch_size} must be divisible by world size {world} "
+                         f"× train.grad_accum {tp.grad_accum}")
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
+    """LR factor of a scheduler step: linear warm-up to 1, then cosine from 1 down to ``min_ratio`` at ``total``."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        frac = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+
+    return f
+
+
+class TrainNet(nn.Module):
+    """Denoiser + optional trainable text encoder, one module so DDP sees all parameters."""
+
+    def __init__(self, denoiser: nn.Module, text: nn.Module | None) -> None:
+        super().__init__()
+        self.denoiser, self.text = denoiser, text
+
+    def forward(self, x_t: Tensor, t: Tensor, tokens: Tensor | None, mask: Tensor | None, pooled: Tensor | None,
+                rewards: Tensor | None, captions: list[str] | None = None) -> Tensor:
+        """``x_t [b, C, h, w]``, ``t [b]``, text ``[b, L, D]``/``[b, L]``/``[b, Dp]`` (or ``captions`` for a
+        trainable encoder), ``rewards [b, R]`` (NaN = absent) -> ``v [b, C, h, w]``."""
+        if self.text is not None:
+            emb = self.text.encode(captions)  # type: ignore[operator]
+            tokens, mask, pooled = emb.tokens, emb.mask, emb.pooled
+        return self.denoiser(x_t, t, tokens, mask, pooled, rewards)  # type: ignore[no-any-return]
+
+
+@dataclass
+class TrainInputs:
+    """What a run trains on and with, loaded before any training object is built (modules on CPU).
+
+    Attributes:
+        data: the in-memory training set (images ``uint8 [N, H, W, 3]`` or raw latents ``[N, C, h, w]``).
+        codec: latent codec (``channels``, ``downsample``, ``encode``/``decode``; ``mean``/``std [C]`` for
+            raw latents).
+        model: the denoiser to train (fresh, initialised after ``torch.manual_seed(train.seed)``, or resumed).
+        reward_names: the rewards the model is conditioned on (``[]`` = baseline).
+        miro: the ``miro.json`` document without ``step``.
+        text: the trainable text encoder (``learned``), else None.
+        frozen: the frozen text encoder (sample prompts and the empty caption), else None.
+        resume: the checkpoint being continued, else None.
+    """
+
+    data: TrainData
+    codec: Any
+    model: MiroDenoiser
+    reward_names: list[str]
+    miro: dict[str, Any] = field(default_factory=dict)
+    text: nn.Module | None = None
+    frozen: TextEncoder | None = None
+    resume: ResumeState | None = None
+
+
+@dataclass
+class TrainState:
+    """A run between two steps: modules, optimiser, data order and the step counter.
+
+    ``shape`` is one sample's model-space ``(C, h, w)``; ``rows`` this rank's rows of a global batch;
+    ``micro`` the samples of one micro-batch on this rank; ``empty`` the empty caption's embedding
+    (``tokens [L, D]`` fp16, ``mask [L]``, ``pooled [Dp]``) for text dropout with precomputed text;
+    ``fwd`` the (DDP-wrapped, optionally compiled) ``net``; ``ema_net`` receives the EMA weights on save.
+    """
+
+    params: Params
+    dist: DistContext
+    storage: Storage
+    tracker: Tracker
+    run: str
+    reward_names: list[str]
+    miro: dict[str, Any]
+    data: TrainData
+    order: GlobalBatchOrder
+    rows: slice
+    micro: int
+    codec: Any
+    shape: tuple[int, int, int]
+    frozen: TextEncoder | None
+    empty: TextArrays | None
+    net: TrainNet
+    ema_net: TrainNet
+    ema: EMAModel
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    ddp: nn.Module
+    fwd: Callable[..., Tensor]
+    autocast: AbstractContextManager[Any]
+    step: int = 0
+    last_loss: float = float("nan")
+    scorers: dict[str, Any] = field(default_factory=dict)  # reward name -> scorer, for sample grids
+
+    @property
+    def device(self) -> torch.device:
+        """The training device."""
+        return self.dist.device
+
+
+def create_train_state(params: Params, inputs: TrainInputs, ctx: DistContext | None = None,
+                       storage: Storage | None = None, tracker: Tracker | None = None) -> TrainState:
+    """Build the nets, EMA, AdamW, LR schedule, DDP/compile wrapper and batch order around ``inputs``;
+    a resumed run restores optimiser, scheduler, EMA, torch RNG and step from ``inputs.resume``.
+
+    Raises:
+        ValueError: see :func:`check_train_config`.
+    """
+    from diffusers.training_utils import EMAModel  # lazy: diffusers takes seconds to import, the CLI imports us
+
+    tp = params.train
+    ctx = ctx or DistContext()
+    check_train_config(tp, ctx.world)
+    device, rs, model, text, codec = ctx.device, inputs.resume, inputs.model, inputs.text, inputs.codec
+    net = TrainNet(model, text).to(device)
+    ema_net = TrainNet(rs.ema_denoiser if rs else copy.deepcopy(model),
+                       rs.ema_text_encoder if rs else copy.deepcopy(text)).to(device)
+    ema_net.requires_grad_(False)
+    ema = EMAModel(list(net.parameters()), decay=tp.ema_decay, foreach=False)
+    opt = torch.optim.AdamW(net.parameters(), lr=tp.lr, weight_decay=tp.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tp.warmup_steps, tp.steps, tp.min_lr_ratio))
+    step, last_loss = 0, float("nan")
+    if rs is not None:
+        ts = rs.train_state
+        opt.load_state_dict(ts["optimizer"])
+        sched.load_state_dict(ts["scheduler"])
+        ema.load_state_dict(ts["ema"])
+        ema.shadow_params = [p.detach().clone() for p in ema_net.parameters()]
+        torch.set_rng_state(ts["rng"]["torch"])
+        if device.type == "cuda" and "cuda" in ts["rng"]:
+            torch.cuda.set_rng_state(ts["rng"]["cuda"], device)
+        step, last_loss = int(ts["step"]), float(ts.get("last_loss", float("nan")))
+    ddp: nn.Module = net
+    if ctx.world > 1:
+        ddp = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    fwd: Callable[..., Tensor] = torch.compile(ddp) if tp.compile else ddp  # type: ignore[assignment]
+    bf16 = device.type == "cuda" and tp.mixed_precision in ("auto", "bf16")
+    autocast: AbstractContextManager[Any] = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
+    empty = None
+    if inputs.frozen is not None:
+        e = inputs.frozen.encode([""])
+        empty = TextArrays(e.tokens[0].cpu().half(), e.mask[0].cpu(), e.pooled[0].cpu().float())
+    side = params.data.resolution // codec.downsample
+    return TrainState(
+        params=params, dist=ctx, storage=storage or from_config(params.storage), tracker=tracker or NullTracker(),
+        run=run_uri(params), reward_names=list(inputs.reward_names), miro=inputs.miro, data=inputs.data,
+        order=GlobalBatchOrder(len(inputs.data), tp.batch_size, tp.seed),
+        rows=rank_slice(tp.batch_size, ctx.rank, ctx.world),
+        micro=(tp.batch_size // ctx.world) // tp.grad_accum, codec=codec, shape=(codec.channels, side, side),
+        frozen=inputs.frozen, empty=empty, net=net, ema_net=ema_net, ema=ema, opt=opt, sched=sched, ddp=ddp, fwd=fwd,
+        autocast=autocast, step=step, last_loss=last_loss,
+    )
+
+
+def train_state_dict(state: TrainState) -> dict[str, Any]:
+    """The checkpoint's ``train_state.pt``: step, last loss, optimiser, scheduler, EMA (without the
+    shadow weights, saved as ``ema/``), torch (+ CUDA) RNG and the data position."""
+    device = state.device
+    cuda = {"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}
+    rng = {"torch": torch.get_rng_state(), **cuda}
+    return {"step": state.step, "last_loss": float(state.last_loss), "optimizer": state.opt.state_dict(),
+            "scheduler": state.sched.state_dict(),
+            "ema": {k: v for k, v in state.ema.state_dict().items() if k != "shadow_params"}, "rng": rng,
+            "data": {"step": state.step, "samples_seen": state.step * state.params.train.batch_size,
+                     "dataset_size": len(state.data)}}
+
+
+def save_train_checkpoint(state: TrainState, uri: str) -> str:
+    """Copy the EMA weights into ``ema_net``, write the checkpoint to ``uri`` and log it; returns ``uri``."""
+    state.ema.copy_to(state.ema_net.parameters())
+    ts = train_state_dict(state)
+    save_checkpoint(uri, state.storage, state.net.denoiser, state.ema_net.denoiser,  # type: ignore[arg-type]
+                    dict(state.miro, step=state.step), ts, state.net.text, state.ema_net.text)
+    state.tracker.log_checkpoint(uri, state.step)
+    return uri
