@@ -229,7 +229,11 @@ def bare_forward_loss(model: Callable[..., Any], b: Batch) -> Tensor:
     noise = torch.randn_like(b.x0)
     x_t = interpolate(b.x0, noise, t)
     pred = model(
-        hidden_states=x_t, encoder_hidden_states=b.tokens, pooled_projections=b.pooled, timestep=t * 1000.0, return_dict=False
+        hidden_states=x_t,
+        encoder_hidden_states=b.tokens,
+        pooled_projections=b.pooled,
+        timestep=t * 1000.0,
+        return_dict=False,
     )[0]
     return F.mse_loss(pred.float(), velocity_target(b.x0, noise).float())
 
@@ -399,16 +403,35 @@ def measure_counted_flops(size: str, device: torch.device) -> dict[str, float | 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """CLI flags (see module docstring)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=["tiny", "small", "paper"], default=None, help="model size (default: paper on CUDA, tiny on CPU)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--size",
+        choices=["tiny", "small", "paper"],
+        default=None,
+        help="model size (default: paper on CUDA, tiny on CPU)",
+    )
     p.add_argument("--batch", type=int, default=None, help="images per step (default: 128 on CUDA, 8 on CPU)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default: 30 on CUDA, 3 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 10 on CUDA, 1 on CPU)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: unchanged on CUDA, 1 on CPU)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (default: unchanged on CUDA, 1 on CPU)"
+    )
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile both models")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--matmul-size", type=int, default=None, help="side of the reference matmul (default: 8192 on CUDA, 1024 on CPU)")
-    p.add_argument("--flop-counter", action=argparse.BooleanOptionalAction, default=True, help="also count FLOPs with FlopCounterMode")
+    p.add_argument(
+        "--matmul-size",
+        type=int,
+        default=None,
+        help="side of the reference matmul (default: 8192 on CUDA, 1024 on CPU)",
+    )
+    p.add_argument(
+        "--flop-counter",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also count FLOPs with FlopCounterMode",
+    )
     p.add_argument("--skip-bare", action="store_true", help="only benchmark the full MIRO step")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)

@@ -56,9 +56,16 @@ def _sdxl_vae_dir(tmp: Path) -> str:
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
-        sample_size=256, scaling_factor=0.13025,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=32,
+        sample_size=256,
+        scaling_factor=0.13025,
     )
     vae.save_pretrained(str(tmp / "vae"))
     return str(tmp / "vae")
@@ -67,7 +74,9 @@ def _sdxl_vae_dir(tmp: Path) -> str:
 def build(size: str, device: torch.device, text_dim: int, tmp: Path) -> MiroPipeline:
     """A random MIRO pipeline of ``size`` on ``device``."""
     torch.manual_seed(0)
-    enc = LearnedTokenEncoder(list(LearnedTokenEncoder.SPECIALS) + WORDS, dim=text_dim, num_layers=1, num_heads=4, max_length=32)
+    enc = LearnedTokenEncoder(
+        list(LearnedTokenEncoder.SPECIALS) + WORDS, dim=text_dim, num_layers=1, num_heads=4, max_length=32
+    )
     den = create_denoiser(size, REWARDS, text_dim=text_dim, pooled_dim=text_dim)
     with torch.no_grad():  # leave DiT's zero init so every layer does real work
         for p in den.parameters():
@@ -94,7 +103,14 @@ def forward_ratio(pipe: MiroPipeline, batch: int, repeats: int) -> dict[str, flo
 
     @torch.no_grad()
     def batched() -> None:
-        pipe._velocity(cat(x, x), cat(t, t), cat(emb.tokens, emb.tokens), cat(emb.mask, emb.mask), cat(emb.pooled, emb.pooled), cat(pos, neg))
+        pipe._velocity(
+            cat(x, x),
+            cat(t, t),
+            cat(emb.tokens, emb.tokens),
+            cat(emb.mask, emb.mask),
+            cat(emb.pooled, emb.pooled),
+            cat(pos, neg),
+        )
 
     @torch.no_grad()
     def two() -> None:
@@ -132,7 +148,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--batch", type=int, default=None, help="prompts per call (default 8 on CPU, 64 on CUDA)")
     ap.add_argument("--steps", type=int, default=None, help="Euler steps (default 50 on CUDA, 10 on CPU)")
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats (median reported)")
-    ap.add_argument("--text-dim", type=int, default=None, help="text token width (default 384; 2048 = FLAN-T5-XL for paper)")
+    ap.add_argument(
+        "--text-dim", type=int, default=None, help="text token width (default 384; 2048 = FLAN-T5-XL for paper)"
+    )
     ap.add_argument("--dtype", choices=["float32", "bf16"], default=None, help="denoiser dtype (default bf16 on CUDA)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")

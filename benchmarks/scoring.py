@@ -33,7 +33,9 @@ from miroflow.score import _to_batch, clear_reward_cache, load_rewards, score_sh
 from miroflow.storage import Storage, join_uri
 
 
-def pure_forward(rewards: list[Reward], batches: list[tuple[torch.Tensor, list[str], list[str] | None]]) -> dict[str, float]:
+def pure_forward(
+    rewards: list[Reward], batches: list[tuple[torch.Tensor, list[str], list[str] | None]]
+) -> dict[str, float]:
     """Seconds per reward spent in ``score`` over pre-decoded batches ``(images [B,3,H,W], prompts, synthetic)``."""
     times = {r.name: 0.0 for r in rewards}
     for images, prompts, synthetic in batches:
@@ -64,12 +66,19 @@ def main() -> None:
         score_cfg: dict[str, object] = {"batch_size": args.batch_size, "device": "cpu"}
         if args.rewards:
             score_cfg["rewards"] = args.rewards
-        params = Params.model_validate({
-            "data": {"num_samples": args.shards * args.size, "shard_size": args.size, "resolution": args.resolution,
-                     "synthetic_captions": args.synthetic, "manifest": str(work / "shards.json")},
-            "score": score_cfg,
-            "storage": {"root": str(work / "store")},
-        })
+        params = Params.model_validate(
+            {
+                "data": {
+                    "num_samples": args.shards * args.size,
+                    "shard_size": args.size,
+                    "resolution": args.resolution,
+                    "synthetic_captions": args.synthetic,
+                    "manifest": str(work / "shards.json"),
+                },
+                "score": score_cfg,
+                "storage": {"root": str(work / "store")},
+            }
+        )
         storage = Storage()
         shards = [s["uri"] for s in run_prepare(params, storage)["shards"]]
 
@@ -94,7 +103,7 @@ def main() -> None:
         for rep in tqdm(range(args.repeats), desc="measure", unit="repeat"):
             for j, uri in enumerate(shards):
                 out = join_uri(str(work / "store"), f"bench-scores-{rep}", Path(uri).stem + ".parquet")
-                for side in (("pure", "engine") if (rep + j) % 2 == 0 else ("engine", "pure")):
+                for side in ("pure", "engine") if (rep + j) % 2 == 0 else ("engine", "pure"):
                     if side == "pure":
                         times = pure_forward(rewards, batches[uri])
                         if sum(times.values()) < best_pure[uri]:
@@ -107,8 +116,10 @@ def main() -> None:
 
         n = args.shards * args.size
         pure, engine = sum(best_pure.values()), sum(best_engine.values())
-        print(f"\n{n} images ({args.shards} shards x {args.size}, {args.resolution}px, batch {args.batch_size}, "
-              f"torch threads {torch.get_num_threads()}, synthetic captions {args.synthetic}, best of {args.repeats})")
+        print(
+            f"\n{n} images ({args.shards} shards x {args.size}, {args.resolution}px, batch {args.batch_size}, "
+            f"torch threads {torch.get_num_threads()}, synthetic captions {args.synthetic}, best of {args.repeats})"
+        )
         for name, t in reward_totals.items():
             print(f"  {name:<22s} pure forward {t:7.3f} s")
         print(f"  sum of pure forward     {pure:7.3f} s   ({n / pure:7.1f} img/s)")

@@ -62,8 +62,12 @@ def miro_pipeline(
         evaluated = evaluate_model_task(rp.model_dump(mode="json"), run_name=name)
         results[name] = {"train": trained, "evaluate": evaluated}
         log.info("%s: loss %.4f, judge accuracy %s", name, trained["loss"], evaluated["overall"])
-    return {"data": data, "scores": {k: scores[k] for k in ("shards", "scored", "skipped", "failures")}, "embeds": embeds,
-            "runs": results}
+    return {
+        "data": data,
+        "scores": {k: scores[k] for k in ("shards", "scored", "skipped", "failures")},
+        "embeds": embeds,
+        "runs": results,
+    }
 
 
 if __name__ == "__main__":

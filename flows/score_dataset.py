@@ -28,7 +28,15 @@ from miroflow.results import ShardScore
 from miroflow.score import score_table_uri
 from miroflow.storage import InvalidURIError, NoSuchBucketError, NotFoundError, StorageError
 
-__all__ = ["score_dataset", "score_shard_task", "write_manifest_task", "bin_task", "is_transient", "make_task_runner", "run"]
+__all__ = [
+    "score_dataset",
+    "score_shard_task",
+    "write_manifest_task",
+    "bin_task",
+    "is_transient",
+    "make_task_runner",
+    "run",
+]
 
 #: Delays (s) between the retries of a shard task after a transient storage error.
 RETRY_DELAYS_S = [2, 10, 30]
@@ -70,10 +78,17 @@ def score_shard_task(
         expected_sha256: the shard's sha256 from the shard manifest.
         score / storage: ``params.score`` / ``params.storage`` as JSON dicts.
     """
-    r = stages.score_one_shard(shard_uri, out_uri, expected_sha256, ScoreConfig.model_validate(score),
-                               StorageConfig.model_validate(storage))
-    get_run_logger().info("shard %s: %s (%d rows, %d failures) -> %s",
-                          shard_uri, "up to date" if r.skipped else "scored", r.n, r.failures, r.uri)
+    r = stages.score_one_shard(
+        shard_uri, out_uri, expected_sha256, ScoreConfig.model_validate(score), StorageConfig.model_validate(storage)
+    )
+    get_run_logger().info(
+        "shard %s: %s (%d rows, %d failures) -> %s",
+        shard_uri,
+        "up to date" if r.skipped else "scored",
+        r.n,
+        r.failures,
+        r.uri,
+    )
     return r.to_dict()
 
 
@@ -134,7 +149,9 @@ def make_task_runner(cfg: ScoreConfig) -> Any:
         try:
             from prefect_dask import DaskTaskRunner
         except ImportError as err:
-            raise ImportError("score.executor is 'dask' but prefect-dask is not installed (pip install '.[dask]')") from err
+            raise ImportError(
+                "score.executor is 'dask' but prefect-dask is not installed (pip install '.[dask]')"
+            ) from err
         return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.max_workers, "threads_per_worker": 1})
     return ThreadPoolTaskRunner(max_workers=cfg.max_workers)
 

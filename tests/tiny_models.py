@@ -27,8 +27,18 @@ def tiny_random_pipeline(rewards: list[str], run_name: str, step: int, perturb: 
             p.add_(torch.randn(p.shape, generator=g) * perturb)
     caps = [it.prompt for it in load_prompt_set("shapes:1")]
     enc = LearnedTokenEncoder.from_captions(caps, dim=DIM, num_layers=1, num_heads=2, max_length=16)
-    pipe = MiroPipeline(denoiser=den.eval(), text_encoder=enc.eval(), vae=PixelCodec(),
-                        spec={"text_encoder": "learned", "text_max_length": 16, "resolution": 32,
-                              "reward_names": rewards, "run_name": run_name, "step": step})
+    pipe = MiroPipeline(
+        denoiser=den.eval(),
+        text_encoder=enc.eval(),
+        vae=PixelCodec(),
+        spec={
+            "text_encoder": "learned",
+            "text_max_length": 16,
+            "resolution": 32,
+            "reward_names": rewards,
+            "run_name": run_name,
+            "step": step,
+        },
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe

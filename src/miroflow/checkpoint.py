@@ -201,7 +201,12 @@ def expected_architecture(params: Params, reward_names: list[str]) -> dict[str, 
     arch: dict[str, Any] = {k: preset.get(k) for k in _ARCH_FIELDS}
     if t.latent == "pixel":
         arch.update(in_channels=3, sample_size=params.data.resolution)
-    arch.update(reward_names=list(reward_names), text_encoder=t.text_encoder, latent=t.latent, vae=t.vae if t.latent == "vae" else None)
+    arch.update(
+        reward_names=list(reward_names),
+        text_encoder=t.text_encoder,
+        latent=t.latent,
+        vae=t.vae if t.latent == "vae" else None,
+    )
     return arch
 
 
@@ -210,7 +215,12 @@ def checkpoint_architecture(miro: dict[str, Any]) -> dict[str, Any]:
     den = miro.get("denoiser") or {}
     arch: dict[str, Any] = {k: den.get(k) for k in _ARCH_FIELDS}
     arch.update(in_channels=den.get("in_channels"), sample_size=den.get("sample_size"))
-    arch.update(reward_names=list(miro.get("reward_names") or []), text_encoder=miro.get("text_encoder"), latent=miro.get("latent"), vae=miro.get("vae"))
+    arch.update(
+        reward_names=list(miro.get("reward_names") or []),
+        text_encoder=miro.get("text_encoder"),
+        latent=miro.get("latent"),
+        vae=miro.get("vae"),
+    )
     return arch
 
 
@@ -270,7 +280,9 @@ def load_for_resume(uri: str, params: Params, reward_names: list[str], storage: 
         )
 
 
-def load_model(uri: str, storage: Storage | None = None, device: str | torch.device | None = None) -> tuple[MiroDenoiser, dict[str, Any]]:
+def load_model(
+    uri: str, storage: Storage | None = None, device: str | torch.device | None = None
+) -> tuple[MiroDenoiser, dict[str, Any]]:
     """For inference: ``(MiroDenoiser with the EMA weights, in eval mode, miro.json dict)``."""
     storage = storage or Storage()
     miro = read_miro(uri, storage)

@@ -17,12 +17,16 @@ from miroflow import stages
 from miroflow.config import Params, ParamsError, load_params
 from miroflow.study import run_study
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="miroflow: MIRO multi-reward flow-matching pipeline.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="miroflow: MIRO multi-reward flow-matching pipeline."
+)
 params_app = typer.Typer(no_args_is_help=True, help="Inspect and validate params.yaml.")
 app.add_typer(params_app, name="params")
 
 ParamsFile = Annotated[Path, typer.Option("--params", "-p", help="params.yaml to load.")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", "-S", help="Override a param: -S train.lr=1e-3 (repeatable).")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", "-S", help="Override a param: -S train.lr=1e-3 (repeatable).")
+]
 
 
 def _load(params_file: Path, overrides: list[str] | None) -> Params:
@@ -91,8 +95,12 @@ def embed(params_file: ParamsFile = Path("params.yaml"), overrides: SetOpt = Non
 def train(
     params_file: ParamsFile = Path("params.yaml"),
     overrides: SetOpt = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue exactly from the latest complete checkpoint.")] = False,
-    max_steps: Annotated[int | None, typer.Option("--max-steps", help="Stop after this many steps (for smoke runs).")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue exactly from the latest complete checkpoint.")
+    ] = False,
+    max_steps: Annotated[
+        int | None, typer.Option("--max-steps", help="Stop after this many steps (for smoke runs).")
+    ] = None,
 ) -> None:
     """Stage train: MIRO (or baseline with -S train.rewards=[]) flow matching; MLflow-tracked."""
     r = stages.train(_load(params_file, overrides), resume=resume, max_steps=max_steps)
@@ -103,12 +111,18 @@ def train(
 def evaluate(
     params_file: ParamsFile = Path("params.yaml"),
     overrides: SetOpt = None,
-    out: Annotated[str | None, typer.Option("--out", help="Output URI (default <storage.root>/<eval.output>/<run>).")] = None,
+    out: Annotated[
+        str | None, typer.Option("--out", help="Output URI (default <storage.root>/<eval.output>/<run>).")
+    ] = None,
 ) -> None:
     """Stage evaluate: generate on a prompt set in GenEval's layout, judge + score, summary.json."""
     r = stages.evaluate(_load(params_file, overrides), out_uri=out)
-    brief = {"overall": r.overall, "accuracy": r.accuracy, "rewards": {k: v.to_dict() for k, v in r.rewards.items()},
-             "output": r.output}
+    brief = {
+        "overall": r.overall,
+        "accuracy": r.accuracy,
+        "rewards": {k: v.to_dict() for k, v in r.rewards.items()},
+        "output": r.output,
+    }
     typer.echo(json.dumps(brief, indent=2))
 
 
@@ -131,10 +145,15 @@ def study(
     params_file: ParamsFile = Path("params.yaml"),
     overrides: SetOpt = None,
     quick: Annotated[bool, typer.Option("--quick", help="Smoke-test size (mechanics only, ~10 min).")] = False,
-    out: Annotated[Path | None, typer.Option(
-        "--out", help="Where results.md and figures/ go (default: docs, or work/study/quick with --quick).")] = None,
-    study_file: Annotated[Path, typer.Option(
-        "--study", help="Study settings (runs, sizes, grids).")] = Path("study.yaml"),
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", help="Where results.md and figures/ go (default: docs, or work/study/quick with --quick)."
+        ),
+    ] = None,
+    study_file: Annotated[Path, typer.Option("--study", help="Study settings (runs, sizes, grids).")] = Path(
+        "study.yaml"
+    ),
 ) -> None:
     """The MIRO-vs-baseline study in miniature: data, scores, 7 trainings, curves, TTS, sweeps, report.
 

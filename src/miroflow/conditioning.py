@@ -93,8 +93,7 @@ def _as_edges(edges: Any, where: str) -> np.ndarray:
         raise BinsFormatError(f"{where}: edges must be a list of numbers ({exc})") from None
     if arr.ndim != 1 or arr.shape[0] < 3:
         raise BinsFormatError(
-            f"{where}: edges must be a 1-D list of at least 3 numbers (num_bins >= 2), "
-            f"got shape {arr.shape}"
+            f"{where}: edges must be a 1-D list of at least 3 numbers (num_bins >= 2), got shape {arr.shape}"
         )
     if not np.all(np.isfinite(arr)):
         raise BinsFormatError(f"{where}: edges must be finite")
@@ -126,9 +125,7 @@ class RewardBins:
             raise BinsFormatError(f"rewards.{self.name}.n: expected a positive int, got {self.n!r}")
         self.n = int(self.n)
         if not isinstance(self.version, str):
-            raise BinsFormatError(
-                f"rewards.{self.name}.version: expected a string, got {self.version!r}"
-            )
+            raise BinsFormatError(f"rewards.{self.name}.version: expected a string, got {self.version!r}")
 
     @property
     def num_bins(self) -> int:
@@ -194,10 +191,7 @@ class BinSet:
             if rb.name != key:
                 raise BinsFormatError(f"rewards.{key}: name mismatch (RewardBins.name={rb.name!r})")
             if rb.num_bins != self.num_bins:
-                raise BinsFormatError(
-                    f"rewards.{key}.edges: expected {self.num_bins + 1} edges, "
-                    f"got {rb.num_bins + 1}"
-                )
+                raise BinsFormatError(f"rewards.{key}.edges: expected {self.num_bins + 1} edges, got {rb.num_bins + 1}")
 
     @property
     def names(self) -> list[str]:
@@ -213,9 +207,7 @@ class BinSet:
         try:
             return self.rewards[name]
         except KeyError:
-            raise KeyError(
-                f"unknown reward {name!r}; bins exist for: {', '.join(self.rewards) or '(none)'}"
-            ) from None
+            raise KeyError(f"unknown reward {name!r}; bins exist for: {', '.join(self.rewards) or '(none)'}") from None
 
     def transform_one(self, name: str, values: np.ndarray) -> np.ndarray:
         """Conditioning values of reward ``name``: same shape as ``values``, float64, NaN → NaN."""
@@ -241,9 +233,7 @@ class BinSet:
             if n_rows is None:
                 n_rows = v.shape[0]
             elif v.shape[0] != n_rows:
-                raise ValueError(
-                    f"transform: values[{name!r}] has {v.shape[0]} rows, expected {n_rows}"
-                )
+                raise ValueError(f"transform: values[{name!r}] has {v.shape[0]} rows, expected {n_rows}")
             cols.append(rb.transform(v))
         if not cols:
             return np.zeros((0, 0), dtype=np.float64)
@@ -279,9 +269,7 @@ class BinSet:
             if key not in d:
                 raise BinsFormatError(f"missing key {key!r}")
         if d["version"] != BINS_FORMAT_VERSION:
-            raise BinsFormatError(
-                f"version: unsupported bins format {d['version']!r} (expected {BINS_FORMAT_VERSION})"
-            )
+            raise BinsFormatError(f"version: unsupported bins format {d['version']!r} (expected {BINS_FORMAT_VERSION})")
         num_bins = d["num_bins"]
         if isinstance(num_bins, bool) or not isinstance(num_bins, int):
             raise BinsFormatError(f"num_bins: expected an int, got {num_bins!r}")
@@ -305,7 +293,9 @@ class BinSet:
             ):
                 raise BinsFormatError(f"{where}.edges: expected a list of numbers")
             rewards[name] = RewardBins(
-                name=name, edges=np.asarray(edges, dtype=np.float64), version=entry["version"],
+                name=name,
+                edges=np.asarray(edges, dtype=np.float64),
+                version=entry["version"],
                 n=entry["n"],
             )
         binset = cls(num_bins=num_bins, rewards=rewards)
@@ -318,9 +308,7 @@ class BinSet:
         return binset
 
 
-def _fit_one(
-    name: str, values: np.ndarray, num_bins: int, max_samples: int, seed: int, version: str
-) -> RewardBins:
+def _fit_one(name: str, values: np.ndarray, num_bins: int, max_samples: int, seed: int, version: str) -> RewardBins:
     v = np.asarray(values, dtype=np.float64).reshape(-1)
     if np.any(np.isinf(v)):
         raise BinFitError(f"reward {name!r}: values contain ±inf; scores must be finite or NaN")
@@ -372,8 +360,7 @@ def fit_bins(
     if unknown:
         raise BinFitError(f"versions given for unknown reward(s) {unknown}")
     rewards = {
-        name: _fit_one(name, v, num_bins, max_samples, seed, versions.get(name, ""))
-        for name, v in values.items()
+        name: _fit_one(name, v, num_bins, max_samples, seed, versions.get(name, "")) for name, v in values.items()
     }
     return BinSet(num_bins=num_bins, rewards=rewards)
 

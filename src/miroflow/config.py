@@ -40,11 +40,15 @@ class DegradationConfig(_Section):
     """Controlled degradations applied to the synthetic shapes images."""
 
     blur_prob: float = Field(0.5, ge=0, le=1, description="Probability a sample is Gaussian-blurred.")
-    blur_sigma: tuple[float, float] = Field((0.6, 2.0), description="Range of blur sigma in pixels (at 32 px; scaled with resolution).")
+    blur_sigma: tuple[float, float] = Field(
+        (0.6, 2.0), description="Range of blur sigma in pixels (at 32 px; scaled with resolution)."
+    )
     noise_prob: float = Field(0.2, ge=0, le=1, description="Probability additive Gaussian noise is applied.")
     noise_std: tuple[float, float] = Field((0.05, 0.2), description="Range of noise std in [0,1] intensity units.")
     low_contrast_prob: float = Field(0.2, ge=0, le=1, description="Probability the contrast is reduced.")
-    contrast_factor: tuple[float, float] = Field((0.2, 0.5), description="Range of the contrast factor (1 = unchanged).")
+    contrast_factor: tuple[float, float] = Field(
+        (0.2, 0.5), description="Range of the contrast factor (1 = unchanged)."
+    )
     jpeg_prob: float = Field(0.0, ge=0, le=1, description="Probability the image is JPEG-compressed.")
     jpeg_quality: tuple[int, int] = Field((5, 30), description="Range of JPEG quality for compressed samples.")
 
@@ -52,18 +56,30 @@ class DegradationConfig(_Section):
 class DataConfig(_Section):
     """The prepare stage: which dataset, how big, how it is sharded."""
 
-    domain: Literal["shapes", "import"] = Field("shapes", description="'shapes' renders the synthetic domain; 'import' re-shards cc12m-style tars from data.import_uri.")
-    import_uri: str | None = Field(None, description="URI prefix (file path, file:// or s3://) holding cc12m-style .tar files to import when domain=import.")
+    domain: Literal["shapes", "import"] = Field(
+        "shapes",
+        description="'shapes' renders the synthetic domain; 'import' re-shards cc12m-style tars from data.import_uri.",
+    )
+    import_uri: str | None = Field(
+        None,
+        description="URI prefix (file path, file:// or s3://) holding cc12m-style .tar files to import when domain=import.",
+    )
     num_samples: int = Field(4000, ge=1, description="Number of samples to render (shapes).")
     resolution: int = Field(32, ge=16, le=512, description="Image side in pixels.")
     seed: int = Field(0, description="Seed for rendering, degradations and caption swaps.")
     shard_size: int = Field(1000, ge=1, description="Samples per webdataset shard.")
     split: str = Field("train", pattern=r"^[a-z0-9_]+$", description="Split name used in shard file names.")
     image_format: Literal["png", "jpg"] = Field("png", description="Encoding of images inside shards.")
-    swap_caption_fraction: float = Field(0.3, ge=0, le=1, description="Fraction of samples whose caption is replaced by another scene's caption.")
-    synthetic_captions: bool = Field(False, description="If true every sample carries a noisy 'original' and an accurate 'synthetic' caption.")
+    swap_caption_fraction: float = Field(
+        0.3, ge=0, le=1, description="Fraction of samples whose caption is replaced by another scene's caption."
+    )
+    synthetic_captions: bool = Field(
+        False, description="If true every sample carries a noisy 'original' and an accurate 'synthetic' caption."
+    )
     max_objects: int = Field(4, ge=1, le=4, description="Maximum number of objects per scene.")
-    degradations: DegradationConfig = Field(default_factory=DegradationConfig, description="Degradations of the shapes images.")
+    degradations: DegradationConfig = Field(
+        default_factory=DegradationConfig, description="Degradations of the shapes images."
+    )
     manifest: str = Field("manifests/shards.json", description="Local path of the shard manifest DVC tracks.")
 
 
@@ -74,13 +90,17 @@ class ScoreConfig(_Section):
         default_factory=lambda: ["sharpness", "noise", "contrast", "compressibility", "shapes_alignment"],
         description="Reward names from the reward registry to score every sample with.",
     )
-    reward_weights: dict[str, str] = Field(default_factory=dict, description="Local path or hub id of weights per reward name (real reward models only).")
+    reward_weights: dict[str, str] = Field(
+        default_factory=dict, description="Local path or hub id of weights per reward name (real reward models only)."
+    )
     batch_size: int = Field(64, ge=1, description="Images per scoring batch.")
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda[:i]'.")
     executor: Literal["thread", "dask"] = Field("thread", description="Prefect task runner for per-shard scoring.")
     max_workers: int = Field(2, ge=1, description="Concurrent shard tasks.")
     num_bins: int = Field(64, ge=2, description="Quantile bins per reward.")
-    bin_max_samples: int = Field(100_000, ge=1, description="At most this many values per reward are used to estimate bin edges.")
+    bin_max_samples: int = Field(
+        100_000, ge=1, description="At most this many values per reward are used to estimate bin edges."
+    )
     manifest: str = Field("manifests/scores.json", description="Local manifest of score tables (DVC out).")
     bins: str = Field("manifests/bins.json", description="Local path of the bin-edge JSON (DVC out).")
 
@@ -88,12 +108,23 @@ class ScoreConfig(_Section):
 class TrainConfig(_Section):
     """The train stage: model size, conditioning, optimisation, checkpoints."""
 
-    run_name: str = Field("miro", pattern=r"^[A-Za-z0-9_.-]+$", description="Name of the run; checkpoints go under <storage.root>/runs/<run_name>.")
+    run_name: str = Field(
+        "miro",
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Name of the run; checkpoints go under <storage.root>/runs/<run_name>.",
+    )
     model: str = Field("tiny", description="Denoiser size from the model registry (tiny, small, paper).")
-    text_encoder: str = Field("minilm", description="'minilm' (offline default), 'learned', 't5:<path-or-id>' or 'clip:<path-or-id>'.")
-    latent: Literal["pixel", "vae"] = Field("pixel", description="Pixel space for tiny domains; 'vae' uses AutoencoderKL latents.")
+    text_encoder: str = Field(
+        "minilm", description="'minilm' (offline default), 'learned', 't5:<path-or-id>' or 'clip:<path-or-id>'."
+    )
+    latent: Literal["pixel", "vae"] = Field(
+        "pixel", description="Pixel space for tiny domains; 'vae' uses AutoencoderKL latents."
+    )
     vae: str | None = Field(None, description="Path or hub id of the AutoencoderKL when latent=vae.")
-    rewards: list[str] | None = Field(None, description="Rewards the model is conditioned on; null = every scored reward; [] = baseline without rewards.")
+    rewards: list[str] | None = Field(
+        None,
+        description="Rewards the model is conditioned on; null = every scored reward; [] = baseline without rewards.",
+    )
     steps: int = Field(1500, ge=1, description="Optimizer steps.")
     batch_size: int = Field(64, ge=1, description="Global batch size (samples per optimizer step).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
@@ -107,7 +138,12 @@ class TrainConfig(_Section):
     reward_dropout: float = Field(0.1, ge=0, le=1, description="Probability each reward is independently set absent.")
     all_reward_dropout: float = Field(0.05, ge=0, le=1, description="Probability the whole reward vector is absent.")
     text_dropout: float = Field(0.0, ge=0, le=1, description="Probability the caption is dropped (enables text CFG).")
-    synthetic_caption_prob: float = Field(0.0, ge=0, le=1, description="Probability the synthetic caption is used instead of the original (0.5 = 50/50 mix).")
+    synthetic_caption_prob: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Probability the synthetic caption is used instead of the original (0.5 = 50/50 mix).",
+    )
     seed: int = Field(0, description="Seed for init, data order and noise.")
     mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="bf16 autocast on GPU when 'auto'.")
     compile: bool = Field(False, description="torch.compile the denoiser.")
@@ -117,7 +153,12 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(500, ge=1, description="Checkpoint interval in steps.")
     keep_last: int = Field(2, ge=1, description="Checkpoints kept.")
     sample_prompts: list[str] = Field(
-        default_factory=lambda: ["a red circle", "two blue squares", "a green triangle left of a yellow circle", "three red squares"],
+        default_factory=lambda: [
+            "a red circle",
+            "two blue squares",
+            "a green triangle left of a yellow circle",
+            "three red squares",
+        ],
         description="Fixed prompts for the sample grids.",
     )
     sample_steps: int = Field(20, ge=1, description="Euler steps for training-time samples.")
@@ -126,14 +167,22 @@ class TrainConfig(_Section):
 class EvalConfig(_Section):
     """The evaluate stage."""
 
-    checkpoint: str | None = Field(None, description="Checkpoint or pipeline URI; null = latest checkpoint of train.run_name.")
-    prompt_set: str = Field("shapes", description="Prompt set from the registry (shapes, geneval:<path>, parti:<path>).")
+    checkpoint: str | None = Field(
+        None, description="Checkpoint or pipeline URI; null = latest checkpoint of train.run_name."
+    )
+    prompt_set: str = Field(
+        "shapes", description="Prompt set from the registry (shapes, geneval:<path>, parti:<path>)."
+    )
     num_prompts: int | None = Field(None, ge=1, description="Evaluate only the first N prompts.")
     images_per_prompt: int = Field(4, ge=1, description="Images generated per prompt.")
     steps: int = Field(50, ge=1, description="Euler sampling steps.")
     guidance_scale: float = Field(0.0, ge=0, description="ω in v+ + ω(v+ − v−).")
-    reward_targets: dict[str, float] = Field(default_factory=dict, description="Positive reward targets (unspecified = 1.0).")
-    negative_reward_targets: dict[str, float] = Field(default_factory=dict, description="Negative reward targets (unspecified = 0.0).")
+    reward_targets: dict[str, float] = Field(
+        default_factory=dict, description="Positive reward targets (unspecified = 1.0)."
+    )
+    negative_reward_targets: dict[str, float] = Field(
+        default_factory=dict, description="Negative reward targets (unspecified = 0.0)."
+    )
     rewards: list[str] | None = Field(None, description="Rewards to score generated images with; null = score.rewards.")
     batch_size: int = Field(64, ge=1, description="Images per sampling batch.")
     seed: int = Field(0, description="Sampling seed.")
@@ -145,7 +194,9 @@ class SweepConfig(_Section):
 
     guidance_scales: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0], description="ω grid.")
     target_reward: str | None = Field("sharpness", description="Reward whose target is swept (others at 1).")
-    target_values: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], description="Target grid in [0,1].")
+    target_values: list[float] = Field(
+        default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], description="Target grid in [0,1]."
+    )
     best_of_n: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16], description="N grid for best-of-N.")
     select_by: str = Field("shapes_alignment", description="Reward used to select the best of N.")
     output: str = Field("sweeps", description="Output prefix under storage.root.")
@@ -163,8 +214,12 @@ class TrackingConfig(_Section):
     """MLflow. The tracking URI comes from MLFLOW_TRACKING_URI if set."""
 
     experiment: str = Field("miroflow", description="MLflow experiment name (one per study).")
-    tracking_uri: str | None = Field(None, description="Default tracking URI when MLFLOW_TRACKING_URI is unset; null = sqlite:///work/mlflow.db.")
-    register_model: str | None = Field(None, description="Registered model name for the final checkpoint; null = do not register.")
+    tracking_uri: str | None = Field(
+        None, description="Default tracking URI when MLFLOW_TRACKING_URI is unset; null = sqlite:///work/mlflow.db."
+    )
+    register_model: str | None = Field(
+        None, description="Registered model name for the final checkpoint; null = do not register."
+    )
     enabled: bool = Field(True, description="Log to MLflow at all.")
 
 

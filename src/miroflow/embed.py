@@ -138,8 +138,13 @@ def _latent_stats(entries: list[dict[str, Any]], vae_spec: str) -> dict[str, Any
     n = float(sum(e["latent_count"] for e in entries))
     mean = s / n
     std = np.sqrt(np.maximum(sq / n - mean * mean, 1e-12))
-    return {"mean": mean.tolist(), "std": std.tolist(), "channels": len(mean), "source": f"fit:{int(n)}",
-            "vae": vae_spec}
+    return {
+        "mean": mean.tolist(),
+        "std": std.tolist(),
+        "channels": len(mean),
+        "source": f"fit:{int(n)}",
+        "vae": vae_spec,
+    }
 
 
 def run_embed(params: Params, storage: Storage | None = None) -> dict[str, Any]:

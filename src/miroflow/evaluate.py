@@ -240,7 +240,9 @@ def _grid(images: list[np.ndarray], cols: int = 4) -> np.ndarray:
     return grid
 
 
-def ensure_pipeline(params: Params, storage: Storage, pipeline: "MiroPipeline | None" = None) -> tuple["MiroPipeline", str | None]:
+def ensure_pipeline(
+    params: Params, storage: Storage, pipeline: "MiroPipeline | None" = None
+) -> tuple["MiroPipeline", str | None]:
     """The given pipeline, or the one loaded from ``eval.checkpoint`` / the latest checkpoint of
     ``train.run_name``; progress bars off. Returns ``(pipeline, checkpoint URI or None)``."""
     from miroflow.pipeline import load_pipeline
@@ -316,7 +318,9 @@ def run_evaluate(
             reused += len(done)
             for r in done:
                 if r["sample_index"] == 0 and len(grid_images) < 16:
-                    grid_images.append(np.asarray(Image.open(io.BytesIO(st.read_bytes(join_uri(out, r["path"])))).convert("RGB")))
+                    grid_images.append(
+                        np.asarray(Image.open(io.BytesIO(st.read_bytes(join_uri(out, r["path"])))).convert("RGB"))
+                    )
             continue
         prompts = [items[i].prompt for i, _ in part]
         seeds = [sample_seed(ev.seed, i, j) for i, j in part]
@@ -351,9 +355,11 @@ def run_evaluate(
             for name in reward_names:
                 row[name] = _clean(scores[name][k])
             rows.append(row)
-        chunk_rows = rows[-len(part):]
-        st.write_bytes(join_uri(progress, f"chunk-{start:07d}.json"),
-                       json.dumps({"fingerprint": fingerprint, "rows": chunk_rows}).encode())
+        chunk_rows = rows[-len(part) :]
+        st.write_bytes(
+            join_uri(progress, f"chunk-{start:07d}.json"),
+            json.dumps({"fingerprint": fingerprint, "rows": chunk_rows}).encode(),
+        )
     if reused:
         log.info("evaluate: resumed, %d of %d images reused from %s", reused, len(jobs), progress)
 
@@ -401,17 +407,35 @@ def run_evaluate(
     return summary
 
 
-def eval_fingerprint(pipeline: "MiroPipeline", checkpoint: str | None, ev: Any, reward_names: Sequence[str],
-                     items: Sequence[PromptItem], chunk: int) -> str:
+def eval_fingerprint(
+    pipeline: "MiroPipeline",
+    checkpoint: str | None,
+    ev: Any,
+    reward_names: Sequence[str],
+    items: Sequence[PromptItem],
+    chunk: int,
+) -> str:
     """sha256 of everything that decides an evaluation's rows: settings, prompts, chunking and a
     checksum of the pipeline's weights (so a retrained checkpoint at the same URI is never resumed)."""
     with torch.no_grad():
-        weights = [float(sum(p.detach().double().sum().item() for p in m.parameters()))  # type: ignore[attr-defined]
-                   for m in (pipeline.denoiser, pipeline.text_encoder) if isinstance(m, torch.nn.Module)]
-    doc = {"checkpoint": checkpoint, "weights": weights, "prompts": [(it.tag, it.prompt) for it in items],
-           "images_per_prompt": ev.images_per_prompt, "seed": ev.seed, "steps": ev.steps, "guidance_scale": ev.guidance_scale,
-           "reward_targets": dict(ev.reward_targets), "negative_reward_targets": dict(ev.negative_reward_targets),
-           "rewards": list(reward_names), "chunk": chunk}
+        weights = [
+            float(sum(p.detach().double().sum().item() for p in m.parameters()))  # type: ignore[attr-defined]
+            for m in (pipeline.denoiser, pipeline.text_encoder)
+            if isinstance(m, torch.nn.Module)
+        ]
+    doc = {
+        "checkpoint": checkpoint,
+        "weights": weights,
+        "prompts": [(it.tag, it.prompt) for it in items],
+        "images_per_prompt": ev.images_per_prompt,
+        "seed": ev.seed,
+        "steps": ev.steps,
+        "guidance_scale": ev.guidance_scale,
+        "reward_targets": dict(ev.reward_targets),
+        "negative_reward_targets": dict(ev.negative_reward_targets),
+        "rewards": list(reward_names),
+        "chunk": chunk,
+    }
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -118,9 +118,7 @@ def t_bin_index(t: Tensor, num_bins: int = 10) -> Tensor:
     return torch.clamp(torch.floor(t.detach().double() * num_bins), 0, num_bins - 1).long()
 
 
-def flow_matching_loss(
-    pred: Tensor, target: Tensor, t: Tensor, num_bins: int = 10
-) -> tuple[Tensor, Tensor, Tensor]:
+def flow_matching_loss(pred: Tensor, target: Tensor, t: Tensor, num_bins: int = 10) -> tuple[Tensor, Tensor, Tensor]:
     """Mean-squared error, plus its breakdown over equal-width t-bins (for ``loss/t_bin_k``).
 
     Args:
@@ -231,17 +229,13 @@ def cfg_model_fn(
         negative half is skipped and ``model_fn(x, t, **cond_pos)`` is returned.
     """
     if set(cond_pos) != set(cond_neg):
-        raise ValueError(
-            f"cond_pos and cond_neg keys differ: {sorted(cond_pos)} vs {sorted(cond_neg)}"
-        )
+        raise ValueError(f"cond_pos and cond_neg keys differ: {sorted(cond_pos)} vs {sorted(cond_neg)}")
     for k in cond_pos:
         a, b = cond_pos[k], cond_neg[k]
         if not isinstance(a, Tensor) or not isinstance(b, Tensor):
             raise TypeError(f"cond[{k!r}] must be tensors")
         if a.shape != b.shape:
-            raise ValueError(
-                f"cond[{k!r}]: positive {tuple(a.shape)} and negative {tuple(b.shape)} differ"
-            )
+            raise ValueError(f"cond[{k!r}]: positive {tuple(a.shape)} and negative {tuple(b.shape)} differ")
     cond_both = {k: torch.cat([cond_pos[k], cond_neg[k]], dim=0) for k in cond_pos}
     pos = dict(cond_pos)
 

@@ -99,9 +99,13 @@ class MiroSpec(BaseModel):
     text_max_length: int | None = Field(None, ge=1, description="Caption length in tokens (None = encoder default).")
     latent: Literal["pixel", "vae"] = Field("pixel", description="Space the denoiser models.")
     vae: str | None = Field(None, description="Path or hub id of the AutoencoderKL (latent = vae).")
-    latent_stats: dict[str, Any] | None = Field(None, description="Per-channel latent stats {'mean': [...], 'std': [...]}.")
+    latent_stats: dict[str, Any] | None = Field(
+        None, description="Per-channel latent stats {'mean': [...], 'std': [...]}."
+    )
     resolution: int = Field(..., ge=1, description="Image side in pixels.")
-    reward_names: list[str] = Field(default_factory=list, description="Conditioning rewards in column order ([] = baseline).")
+    reward_names: list[str] = Field(
+        default_factory=list, description="Conditioning rewards in column order ([] = baseline)."
+    )
     bins: dict[str, Any] | None = Field(None, description="BinSet JSON the conditioning values came from.")
     text_dropout: float = Field(0.0, ge=0, le=1, description="Caption dropout used in training (> 0 enables text CFG).")
     denoiser: dict[str, Any] | None = Field(None, description="DenoiserConfig JSON.")
@@ -189,7 +193,9 @@ class MiroPipeline(DiffusionPipeline):  # type: ignore[misc]
                 f"miro.json reward_names {self.spec.reward_names} differ from the denoiser's {self.denoiser.reward_names}"
             )
         if self.vae.channels != cfg.in_channels:
-            raise ValueError(f"codec has {self.vae.channels} channels but the denoiser's in_channels is {cfg.in_channels}")
+            raise ValueError(
+                f"codec has {self.vae.channels} channels but the denoiser's in_channels is {cfg.in_channels}"
+            )
         side = self.spec.resolution // int(self.vae.downsample)
         if self.spec.resolution % int(self.vae.downsample) or side > cfg.sample_size or side % cfg.patch_size:
             raise ValueError(
@@ -281,7 +287,9 @@ class MiroPipeline(DiffusionPipeline):  # type: ignore[misc]
             if math.isnan(v):
                 out[name] = None  # NaN = absent, like None
             elif not 0.0 <= v <= 1.0:
-                raise ValueError(f"{field}[{name!r}] = {v} is outside [0, 1] (targets are conditioning values; None = absent)")
+                raise ValueError(
+                    f"{field}[{name!r}] = {v} is outside [0, 1] (targets are conditioning values; None = absent)"
+                )
             else:
                 out[name] = v
         return out
@@ -295,7 +303,9 @@ class MiroPipeline(DiffusionPipeline):  # type: ignore[misc]
     def encode_prompt(self, prompts: list[str]) -> TextEmbedding:
         """Captions -> :class:`TextEmbedding` (tokens ``[B, L, D]``, mask ``[B, L]``, pooled ``[B, Dp]``) on the device."""
         emb = self.text_encoder.encode(list(prompts))
-        return TextEmbedding(emb.tokens.detach().float(), emb.mask.detach().bool(), emb.pooled.detach().float()).to(self.device)
+        return TextEmbedding(emb.tokens.detach().float(), emb.mask.detach().bool(), emb.pooled.detach().float()).to(
+            self.device
+        )
 
     def prepare_latents(
         self,
@@ -317,11 +327,15 @@ class MiroPipeline(DiffusionPipeline):  # type: ignore[misc]
             return latents.to(device=self.device, dtype=torch.float32)
         if isinstance(generator, (list, tuple)):
             if len(generator) != n:
-                raise ValueError(f"got {len(generator)} generators for {n} images (need one per image, or a single one)")
+                raise ValueError(
+                    f"got {len(generator)} generators for {n} images (need one per image, or a single one)"
+                )
             rows = [torch.randn(shape[1:], generator=g, device=g.device) for g in generator]
             return torch.stack(rows).to(device=self.device, dtype=torch.float32)
         if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, a list of them or None, got {type(generator).__name__}")
+            raise TypeError(
+                f"generator must be a torch.Generator, a list of them or None, got {type(generator).__name__}"
+            )
         draw = generator.device if generator is not None else self.device
         return torch.randn(shape, generator=generator, device=draw).to(device=self.device, dtype=torch.float32)
 
@@ -424,7 +438,9 @@ class MiroPipeline(DiffusionPipeline):  # type: ignore[misc]
                 bar.update()
                 return v
 
-            x0 = euler_sample(step_fn, tuple(x_init.shape), steps=steps, device=self.device, x_init=x_init, shift=timestep_shift)
+            x0 = euler_sample(
+                step_fn, tuple(x_init.shape), steps=steps, device=self.device, x_init=x_init, shift=timestep_shift
+            )
         images = self.vae.decode(x0).float().clamp(0.0, 1.0)  # [N, 3, H, W] in [0, 1]
 
         out: Any
@@ -464,7 +480,9 @@ class MiroPipeline(DiffusionPipeline):  # type: ignore[misc]
                 unsupported diffusers options (``push_to_hub``, ``variant``...).
         """
         if not safe_serialization:
-            raise ValueError("MiroPipeline.save_pretrained writes safetensors only (safe_serialization=False is not supported)")
+            raise ValueError(
+                "MiroPipeline.save_pretrained writes safetensors only (safe_serialization=False is not supported)"
+            )
         unsupported = sorted(k for k, v in kwargs.items() if v not in (None, False))
         if unsupported:
             raise ValueError(f"MiroPipeline.save_pretrained does not support {unsupported}")
@@ -576,7 +594,9 @@ def _build_text_encoder(spec: MiroSpec, d: Path, device: torch.device, prefer_em
         order = ("ema_text_encoder", "text_encoder") if prefer_ema else ("text_encoder", "ema_text_encoder")
         sub = next((d / s for s in order if (d / s / "text_encoder.json").is_file()), None)
         if sub is None:
-            raise FileNotFoundError(f"miro.json says text_encoder='learned' but {d} has no {' or '.join(order)}/ folder")
+            raise FileNotFoundError(
+                f"miro.json says text_encoder='learned' but {d} has no {' or '.join(order)}/ folder"
+            )
         enc = LearnedTokenEncoder.from_pretrained(sub)
         enc.to(device)
         return enc
@@ -640,7 +660,9 @@ def load_pipeline(
         except ValueError as err:
             raise ValueError(f"{join_uri(uri, MIRO_JSON)}: invalid miro.json: {err}") from None
         order = ("ema", "denoiser") if prefer == "ema" else ("denoiser", "ema")
-        weights = next((d / s for s in order if (d / s / CONFIG_NAME).is_file() and (d / s / WEIGHTS_NAME).is_file()), None)
+        weights = next(
+            (d / s for s in order if (d / s / CONFIG_NAME).is_file() and (d / s / WEIGHTS_NAME).is_file()), None
+        )
         if weights is None:
             raise FileNotFoundError(f"{uri}: no weights ({' or '.join(f'{s}/{WEIGHTS_NAME}' for s in order)})")
         denoiser = MiroDenoiser.from_pretrained(weights, device=dev)

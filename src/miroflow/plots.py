@@ -31,8 +31,18 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["new_figure", "radar", "tts_curves", "tradeoff", "image_grid", "convergence", "best_of_n_panels", "save_png",
-           "figure_png", "figure_to_array"]
+__all__ = [
+    "new_figure",
+    "radar",
+    "tts_curves",
+    "tradeoff",
+    "image_grid",
+    "convergence",
+    "best_of_n_panels",
+    "save_png",
+    "figure_png",
+    "figure_to_array",
+]
 
 #: Colour cycle (matplotlib's tab10) so that a model keeps its colour across figures.
 _COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
@@ -54,8 +64,9 @@ def _finite(v: Any) -> float:
 
 
 # --------------------------------------------------------------------------- radar
-def radar(models: Mapping[str, Mapping[str, float | None]], title: str | None = None,
-          limits: tuple[float, float] = (0.0, 1.0)) -> Figure:
+def radar(
+    models: Mapping[str, Mapping[str, float | None]], title: str | None = None, limits: tuple[float, float] = (0.0, 1.0)
+) -> Figure:
     """Per-model radar (spider) chart of reward means.
 
     Args:
@@ -140,8 +151,9 @@ def tts_curves(
         else:
             xs = [float(v) for v in res["ns"]]
         select.add(str(res.get("select_by", "?")))
-        ax.plot(xs, ys, marker="o", color=_COLORS[n % len(_COLORS)],
-                label=f"{name} (select by {res.get('select_by', '?')})")
+        ax.plot(
+            xs, ys, marker="o", color=_COLORS[n % len(_COLORS)], label=f"{name} (select by {res.get('select_by', '?')})"
+        )
     for n, (label, value) in enumerate((hlines or {}).items()):
         ax.axhline(float(value), linestyle="--", color=_COLORS[(n + len(results)) % len(_COLORS)], label=label)
     ax.set_xscale("log", base=2 if x == "n" else 10)
@@ -182,8 +194,14 @@ def tradeoff(
     ax = fig.add_subplot(111)
     for n, (name, ys) in enumerate(series.items()):
         style = "--" if name in ("accuracy", "overall", "judge_accuracy") else "-"
-        ax.plot([float(x) for x in xs], [_finite(y) for y in ys], style, marker="o", color=_COLORS[n % len(_COLORS)],
-                label=name)
+        ax.plot(
+            [float(x) for x in xs],
+            [_finite(y) for y in ys],
+            style,
+            marker="o",
+            color=_COLORS[n % len(_COLORS)],
+            label=name,
+        )
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
@@ -207,11 +225,23 @@ def _mosaic(images: np.ndarray, pad: int = 2) -> np.ndarray:
 
 
 @overload
-def image_grid(images: np.ndarray, row_labels: Sequence[str] | None = ..., col_labels: Sequence[str] | None = ..., *,
-               as_array: Literal[False] = ..., title: str | None = ...) -> Figure: ...
+def image_grid(
+    images: np.ndarray,
+    row_labels: Sequence[str] | None = ...,
+    col_labels: Sequence[str] | None = ...,
+    *,
+    as_array: Literal[False] = ...,
+    title: str | None = ...,
+) -> Figure: ...
 @overload
-def image_grid(images: np.ndarray, row_labels: Sequence[str] | None = ..., col_labels: Sequence[str] | None = ..., *,
-               as_array: Literal[True], title: str | None = ...) -> np.ndarray: ...
+def image_grid(
+    images: np.ndarray,
+    row_labels: Sequence[str] | None = ...,
+    col_labels: Sequence[str] | None = ...,
+    *,
+    as_array: Literal[True],
+    title: str | None = ...,
+) -> np.ndarray: ...
 def image_grid(
     images: np.ndarray,
     row_labels: Sequence[str] | None = None,
@@ -257,8 +287,9 @@ def image_grid(
                 ax.set_title(str(col_labels[j]), fontsize=8)
             if j == 0 and row_labels is not None:
                 label = str(row_labels[i])
-                ax.set_ylabel(label if len(label) <= 40 else label[:37] + "...", fontsize=7, rotation=0, ha="right",
-                              va="center")
+                ax.set_ylabel(
+                    label if len(label) <= 40 else label[:37] + "...", fontsize=7, rotation=0, ha="right", va="center"
+                )
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -285,21 +316,32 @@ def convergence(curves: Mapping[str, Mapping[str, Any]], keys: Sequence[str]) ->
     for ax, k in zip(axes, keys):
         for name, c in curves.items():
             ys = [_finite(v) for v in c["metrics"].get(k, [])]
-            ax.plot(c["steps"][: len(ys)], ys, marker="o", ms=3, color=colors[name],
-                    linestyle="--" if name.startswith("baseline") else "-", label=name)
+            ax.plot(
+                c["steps"][: len(ys)],
+                ys,
+                marker="o",
+                ms=3,
+                color=colors[name],
+                linestyle="--" if name.startswith("baseline") else "-",
+                label=name,
+            )
         ax.set_title("judge accuracy (overall)" if k == "overall" else k, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.grid(True, alpha=0.3)
         ax.tick_params(labelsize=7)
-    for ax in axes[len(keys):]:
+    for ax in axes[len(keys) :]:
         ax.axis("off")
     axes[0].legend(fontsize=6)
     fig.tight_layout()
     return fig
 
 
-def best_of_n_panels(docs: Mapping[str, Mapping[str, Any]], rewards: Sequence[str],
-                     judge_select_by: str = "shapes_alignment", reference: str = "miro") -> Figure:
+def best_of_n_panels(
+    docs: Mapping[str, Mapping[str, Any]],
+    rewards: Sequence[str],
+    judge_select_by: str = "shapes_alignment",
+    reference: str = "miro",
+) -> Figure:
     """Best-of-N per reward: the reward of the images selected by that reward vs N, one line per model,
     plus a judge-accuracy panel (selected by ``judge_select_by``); ``reference``'s N=1 dotted.
 
@@ -320,18 +362,28 @@ def best_of_n_panels(docs: Mapping[str, Mapping[str, Any]], rewards: Sequence[st
         for n, (label, doc) in enumerate(docs.items()):
             by = doc["select_by"].get(sel)
             if by:
-                ax.plot(by["ns"], [_finite(v) for v in by["curves"][r]], marker="o", ms=3, label=f"{label} best-of-N",
-                        color=_COLORS[n % len(_COLORS)])
+                ax.plot(
+                    by["ns"],
+                    [_finite(v) for v in by["curves"][r]],
+                    marker="o",
+                    ms=3,
+                    label=f"{label} best-of-N",
+                    color=_COLORS[n % len(_COLORS)],
+                )
         ref = docs[reference]["select_by"].get(sel)
         if ref:
-            ax.axhline(_finite(ref["curves"][r][0]), color=_COLORS[list(docs).index(reference) % len(_COLORS)],
-                       linestyle=":", label=f"{reference.upper() if reference == 'miro' else reference} N=1")
+            ax.axhline(
+                _finite(ref["curves"][r][0]),
+                color=_COLORS[list(docs).index(reference) % len(_COLORS)],
+                linestyle=":",
+                label=f"{reference.upper() if reference == 'miro' else reference} N=1",
+            )
         ax.set_xscale("log", base=2)
         ax.set_title(f"{r} (selected by {sel})", fontsize=9)
         ax.set_xlabel("N", fontsize=8)
         ax.grid(True, alpha=0.3)
         ax.tick_params(labelsize=7)
-    for ax in axes[len(rewards) + 1:]:
+    for ax in axes[len(rewards) + 1 :]:
         ax.axis("off")
     axes[0].legend(fontsize=6)
     fig.tight_layout()

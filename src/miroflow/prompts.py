@@ -34,7 +34,14 @@ from typing import Any
 
 from miroflow.storage import Storage
 
-__all__ = ["PromptItem", "PromptSetError", "PROMPT_SETS", "load_prompt_set", "register_prompt_set", "SHAPES_DEFAULT_PER_CATEGORY"]
+__all__ = [
+    "PromptItem",
+    "PromptSetError",
+    "PROMPT_SETS",
+    "load_prompt_set",
+    "register_prompt_set",
+    "SHAPES_DEFAULT_PER_CATEGORY",
+]
 
 #: Prompts per category of the plain ``shapes`` spec.
 SHAPES_DEFAULT_PER_CATEGORY = 25

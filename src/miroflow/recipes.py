@@ -77,8 +77,9 @@ def sized(p: Params, steps: int, evals: int = 3) -> Params:
     return derive(p, train={"steps": steps, "eval_every": every, "checkpoint_every": every})
 
 
-def pipeline_runs(p: Params, miro_name: str | None = None, baseline_name: str | None = None,
-                  with_baseline: bool = True) -> list[Params]:
+def pipeline_runs(
+    p: Params, miro_name: str | None = None, baseline_name: str | None = None, with_baseline: bool = True
+) -> list[Params]:
     """``p`` itself as the MIRO run (renamed to ``miro_name`` when given; ``train.rewards`` kept) and,
     with ``with_baseline``, its baseline (default name ``<MIRO run name>-baseline``)."""
     miro = derive(p, train={"run_name": miro_name}) if miro_name else p

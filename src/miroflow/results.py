@@ -41,8 +41,12 @@ JsonDict = dict[str, JsonValue]
 R = TypeVar("R", bound="Result")
 
 
-def eval_metrics(accuracy: Mapping[str, float], overall: float | None, reward_means: Mapping[str, float | None],
-                 prefix: str = "eval/") -> dict[str, float]:
+def eval_metrics(
+    accuracy: Mapping[str, float],
+    overall: float | None,
+    reward_means: Mapping[str, float | None],
+    prefix: str = "eval/",
+) -> dict[str, float]:
     """Metric names of one evaluation: ``<prefix><category>``, ``<prefix>overall``,
     ``<prefix>reward/<name>`` (rewards without a finite mean are left out)."""
     out = {f"{prefix}{tag}": float(acc) for tag, acc in accuracy.items()}
@@ -305,6 +309,8 @@ class BestOfNResult(Result):
         acc = p.get("accuracy_by_tag") or {}
         assert isinstance(acc, dict)
         overall = p.get("overall")
-        return eval_metrics({t: float(a) for t, a in acc.items() if isinstance(a, (int, float))},
-                            float(overall) if isinstance(overall, (int, float)) else None,
-                            {r: float(m) if isinstance(m, (int, float)) else None for r, m in means.items()})
+        return eval_metrics(
+            {t: float(a) for t, a in acc.items() if isinstance(a, (int, float))},
+            float(overall) if isinstance(overall, (int, float)) else None,
+            {r: float(m) if isinstance(m, (int, float)) else None for r, m in means.items()},
+        )

@@ -111,8 +111,16 @@ def run_score(params: Params, storage: Storage | None = None, shard_uris: list[s
     rewards = load_rewards(params.score)
     entries = []
     for s in tqdm(shards, desc="score shards", unit="shard"):
-        entries.append(score_shard(s["uri"], rewards, score_table_uri(params, s["uri"]), storage,
-                                   batch_size=params.score.batch_size, expected_sha256=s["sha256"]))
+        entries.append(
+            score_shard(
+                s["uri"],
+                rewards,
+                score_table_uri(params, s["uri"]),
+                storage,
+                batch_size=params.score.batch_size,
+                expected_sha256=s["sha256"],
+            )
+        )
     done = sum(1 for e in entries if e["skipped"])
     log.info("scored %d shard(s), %d already up to date", len(entries) - done, done)
     return write_score_manifest(params.score.manifest, reward_versions(rewards), entries)
@@ -156,8 +164,9 @@ def run_bin(params: Params, storage: Storage | None = None) -> BinSet:
             if syn in df.columns:
                 pooled[name].append(df[syn].to_numpy(dtype=np.float64))
     values = {name: (np.concatenate(cols) if cols else np.zeros(0)) for name, cols in pooled.items()}
-    binset = fit_bins(values, num_bins=params.score.num_bins, max_samples=params.score.bin_max_samples,
-                      versions=versions)
+    binset = fit_bins(
+        values, num_bins=params.score.num_bins, max_samples=params.score.bin_max_samples, versions=versions
+    )
     save_bins(binset, params.score.bins)
     text = json.dumps(binset.to_json(), indent=2, allow_nan=False) + "\n"
     storage.write_bytes(join_uri(params.storage.root, "bins", f"bins-{binset.hash}.json"), text.encode("utf-8"))

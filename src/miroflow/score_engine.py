@@ -184,15 +184,17 @@ class _ShardScorer:
         return out
 
 
-def _iter_records(
-    reader: _HashingReader, shard_uri: str, failures: list[dict[str, Any]]
-) -> Iterator[dict[str, Any]]:
+def _iter_records(reader: _HashingReader, shard_uri: str, failures: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     """Records of the shard; rejected groups/members go to ``failures`` (scope ``sample``)."""
 
     def on_reject(rec: dict[str, Any]) -> None:
         failures.append(
-            {"key": rec.get("key"), "reason": str(rec.get("reason")), "scope": "sample",
-             **({"member": rec["member"]} if "member" in rec else {})}
+            {
+                "key": rec.get("key"),
+                "reason": str(rec.get("reason")),
+                "scope": "sample",
+                **({"member": rec["member"]} if "member" in rec else {}),
+            }
         )
 
     # iter_tar_groups raises ShardError (naming the shard) for a truncated or corrupt tar itself
@@ -207,9 +209,7 @@ def _iter_records(
 _Decoded = tuple[str, np.ndarray, str, str | None, bool]
 
 
-def _decoded_samples(
-    reader: _HashingReader, shard_uri: str, failures: list[dict[str, Any]]
-) -> Iterator[_Decoded]:
+def _decoded_samples(reader: _HashingReader, shard_uri: str, failures: list[dict[str, Any]]) -> Iterator[_Decoded]:
     """``(key, image uint8 [H, W, 3], caption, synthetic caption or None, has json.captions)`` per usable sample.
 
     Unusable samples are appended to ``failures`` (see the module docstring) and not yielded.
@@ -232,8 +232,13 @@ def _decoded_samples(
             if isinstance(syn, str) and syn.strip():
                 synthetic = syn
             else:
-                failures.append({"key": key, "reason": "json.captions has no non-empty 'synthetic' caption; "
-                                 "@synthetic columns are NaN", "scope": "synthetic"})
+                failures.append(
+                    {
+                        "key": key,
+                        "reason": "json.captions has no non-empty 'synthetic' caption; @synthetic columns are NaN",
+                        "scope": "synthetic",
+                    }
+                )
         yield key, image, caption, synthetic, caps is not None
 
 
@@ -340,11 +345,22 @@ def score_shard(
         same_shard = expected_sha256 is None or meta.get("shard_sha256") == expected_sha256
         if same_rewards and same_shard:
             log.info("shard %s already scored in %s; skipped", shard_uri, out_uri)
-            return {"shard": shard_uri, "uri": out_uri, "n": int(meta.get("n", -1)),
-                    "failures": int(meta.get("failures", 0)), "failures_uri": fail_uri,
-                    "sha256": None, "skipped": True}
-        log.info("shard %s: existing table %s is stale (rewards %s, want %s); rescoring",
-                 shard_uri, out_uri, meta.get("rewards"), reward_versions(rewards))
+            return {
+                "shard": shard_uri,
+                "uri": out_uri,
+                "n": int(meta.get("n", -1)),
+                "failures": int(meta.get("failures", 0)),
+                "failures_uri": fail_uri,
+                "sha256": None,
+                "skipped": True,
+            }
+        log.info(
+            "shard %s: existing table %s is stale (rewards %s, want %s); rescoring",
+            shard_uri,
+            out_uri,
+            meta.get("rewards"),
+            reward_versions(rewards),
+        )
 
     versions = reward_versions(rewards)
     scorer = _ShardScorer(shard_uri, rewards, batch_size)
@@ -370,13 +386,27 @@ def score_shard(
         raise ScoreError(f"shard {shard_uri}: sha256 {shard_sha} does not match the manifest's {expected_sha256}")
 
     n = len(columns["key"])
-    table_meta = {"format": TABLE_FORMAT, "rewards": versions, "shard": shard_uri, "shard_sha256": shard_sha,
-                  "n": n, "failures": len(failures), "synthetic": scorer.any_synthetic}
+    table_meta = {
+        "format": TABLE_FORMAT,
+        "rewards": versions,
+        "shard": shard_uri,
+        "shard_sha256": shard_sha,
+        "n": n,
+        "failures": len(failures),
+        "synthetic": scorer.any_synthetic,
+    }
     fail_text = "".join(json.dumps(f, sort_keys=True, ensure_ascii=False) + "\n" for f in failures)
     storage.write_bytes(fail_uri, fail_text.encode("utf-8"))
     data = table_bytes(columns, table_meta)
     storage.write_bytes(out_uri, data)  # last: the table is the commit marker
     if failures:
         log.warning("shard %s: %d failure(s) listed in %s", shard_uri, len(failures), fail_uri)
-    return {"shard": shard_uri, "uri": out_uri, "n": n, "failures": len(failures), "failures_uri": fail_uri,
-            "sha256": sha256_bytes(data), "skipped": False}
+    return {
+        "shard": shard_uri,
+        "uri": out_uri,
+        "n": n,
+        "failures": len(failures),
+        "failures_uri": fail_uri,
+        "sha256": sha256_bytes(data),
+        "skipped": False,
+    }

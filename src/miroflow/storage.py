@@ -233,8 +233,10 @@ class _ResumingS3Reader(io.RawIOBase):
             except Exception as e:
                 code, status = _error_code(e)
                 if code == "PreconditionFailed" or status == 412:
-                    raise StorageError(f"{self._uri} was replaced while being read (at byte {self.pos}); "
-                                       "read it again from the start", self._uri) from e
+                    raise StorageError(
+                        f"{self._uri} was replaced while being read (at byte {self.pos}); read it again from the start",
+                        self._uri,
+                    ) from e
                 raise
 
         with contextlib.suppress(Exception):
@@ -254,12 +256,22 @@ class _ResumingS3Reader(io.RawIOBase):
                     raise ConnectionError(f"stream ended at byte {self.pos}")
             except (BotoCoreError, Urllib3Error, ConnectionError, TimeoutError) as e:
                 if attempt >= self._st.retries:
-                    raise StorageError(f"cannot read {self._uri}: connection dropped at byte {self.pos} of "
-                                       f"{self._size} after {attempt + 1} attempt(s): {type(e).__name__}", self._uri) from e
+                    raise StorageError(
+                        f"cannot read {self._uri}: connection dropped at byte {self.pos} of "
+                        f"{self._size} after {attempt + 1} attempt(s): {type(e).__name__}",
+                        self._uri,
+                    ) from e
                 delay = self._st.backoff_s * (2**attempt)
                 attempt += 1
-                log.warning("stream of %s dropped at byte %d (%s); resuming %d/%d in %.2fs",
-                            self._uri, self.pos, type(e).__name__, attempt, self._st.retries, delay)
+                log.warning(
+                    "stream of %s dropped at byte %d (%s); resuming %d/%d in %.2fs",
+                    self._uri,
+                    self.pos,
+                    type(e).__name__,
+                    attempt,
+                    self._st.retries,
+                    delay,
+                )
                 time.sleep(delay)
                 self._reopen()
                 self.resumes += 1
@@ -369,9 +381,7 @@ class Storage:
             return
         self._require_key(uri, p)
         payload = bytes(data)
-        self._s3_call(
-            uri, p, "write", lambda: self._client().put_object(Bucket=p.bucket, Key=p.key, Body=payload)
-        )
+        self._s3_call(uri, p, "write", lambda: self._client().put_object(Bucket=p.bucket, Key=p.key, Body=payload))
 
     def open_read(self, uri: str) -> BinaryIO:
         """Open ``uri`` for streaming reads. The caller closes the returned file object.

@@ -36,17 +36,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from miroflow import plots
 from miroflow.config import Params
 from miroflow.evaluate import resolve_checkpoint, run_evaluate
 from miroflow.pipeline import MiroPipeline, load_pipeline
 from miroflow.prompts import load_prompt_set
 from miroflow.results import eval_metrics
-from miroflow import plots
 from miroflow.storage import Storage, from_config, join_uri
-from miroflow.tts import tts_with_images
-from miroflow.util import resolve_device
 from miroflow.tracking import NullTracker, Tracker
-from miroflow.util import json_safe
+from miroflow.tts import tts_with_images
+from miroflow.util import json_safe, resolve_device
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -84,8 +83,15 @@ def plan_points(params: Params, model_rewards: Sequence[str]) -> tuple[list[Swee
     points: list[SweepPoint] = []
     notes: list[str] = []
     for w in sw.guidance_scales:
-        points.append(SweepPoint(kind="guidance", name=f"guidance/omega={_fmt(w)}", x=float(w),
-                                 guidance_scale=float(w), reward_targets=dict(ev.reward_targets)))
+        points.append(
+            SweepPoint(
+                kind="guidance",
+                name=f"guidance/omega={_fmt(w)}",
+                x=float(w),
+                guidance_scale=float(w),
+                reward_targets=dict(ev.reward_targets),
+            )
+        )
     if sw.target_reward is None:
         notes.append("target grid skipped: sweep.target_reward is null")
     elif not model_rewards:
@@ -99,11 +105,26 @@ def plan_points(params: Params, model_rewards: Sequence[str]) -> tuple[list[Swee
             if not 0.0 <= float(v) <= 1.0:
                 raise ValueError(f"sweep.target_values: {v} is outside [0, 1]")
             # the swept reward at v, every other reward at 1 (the pipeline's default positive target)
-            points.append(SweepPoint(kind="target", name=f"target/{sw.target_reward}={_fmt(v)}", x=float(v),
-                                     guidance_scale=float(ev.guidance_scale), reward_targets={sw.target_reward: float(v)}))
+            points.append(
+                SweepPoint(
+                    kind="target",
+                    name=f"target/{sw.target_reward}={_fmt(v)}",
+                    x=float(v),
+                    guidance_scale=float(ev.guidance_scale),
+                    reward_targets={sw.target_reward: float(v)},
+                )
+            )
     for n in sorted(set(sw.best_of_n)):
-        points.append(SweepPoint(kind="best_of_n", name=f"best_of_n/n={n}", x=float(n), n=int(n),
-                                 guidance_scale=float(ev.guidance_scale), reward_targets=dict(ev.reward_targets)))
+        points.append(
+            SweepPoint(
+                kind="best_of_n",
+                name=f"best_of_n/n={n}",
+                x=float(n),
+                n=int(n),
+                guidance_scale=float(ev.guidance_scale),
+                reward_targets=dict(ev.reward_targets),
+            )
+        )
     if not sw.best_of_n:
         notes.append("best-of-N grid skipped: sweep.best_of_n is empty")
     return points, notes
@@ -166,16 +187,26 @@ def run_sweep(
         ev_pt = ev.model_copy(update={"guidance_scale": pt["guidance_scale"], "reward_targets": pt["reward_targets"]})
         p_pt = params.model_copy(update={"eval": ev_pt})
         point_out = join_uri(out, "points", _slug(pt["name"].replace("/", "-")))
-        child_params = {"sweep.kind": pt["kind"], "sweep.point": pt["name"], "guidance_scale": pt["guidance_scale"],
-                        "reward_targets": json.dumps(pt["reward_targets"], sort_keys=True)}
+        child_params = {
+            "sweep.kind": pt["kind"],
+            "sweep.point": pt["name"],
+            "guidance_scale": pt["guidance_scale"],
+            "reward_targets": json.dumps(pt["reward_targets"], sort_keys=True),
+        }
         with parent.child_run(pt["name"], params=child_params, tags={"sweep.kind": pt["kind"]}) as child:
             summary = run_evaluate(p_pt, pipeline=pipeline, storage=st, out_uri=point_out, tracker=child)
             run_id = child.run_id
-        results.append({
-            **pt, "run_id": run_id, "output": point_out, "accuracy": summary["accuracy"], "overall": summary["overall"],
-            "rewards": {k: v["mean"] for k, v in summary["rewards"].items()},
-            "reward_targets_resolved": summary["reward_targets"],
-        })
+        results.append(
+            {
+                **pt,
+                "run_id": run_id,
+                "output": point_out,
+                "accuracy": summary["accuracy"],
+                "overall": summary["overall"],
+                "rewards": {k: v["mean"] for k, v in summary["rewards"].items()},
+                "reward_targets_resolved": summary["reward_targets"],
+            }
+        )
         k = min(GRID_PROMPTS, summary["n_prompts"])
         col = [_read_png(st, join_uri(point_out, f"{i:05d}", "samples", "0000.png")) for i in range(k)]
         label = f"ω={_fmt(pt['x'])}" if pt["kind"] == "guidance" else f"{sw.target_reward}={_fmt(pt['x'])}"
@@ -189,25 +220,42 @@ def run_sweep(
         for k_n, point in enumerate(tts["points"]):
             n = point["n"]
             name = f"best_of_n/n={n}"
-            metrics = eval_metrics(point.get("accuracy_by_tag", {}), point.get("overall"),
-                                   {r: s["mean"] for r, s in point["rewards"].items()})
+            metrics = eval_metrics(
+                point.get("accuracy_by_tag", {}),
+                point.get("overall"),
+                {r: s["mean"] for r, s in point["rewards"].items()},
+            )
             metrics["tts/denoiser_evals_per_image"] = float(point["denoiser_evals_per_image"])
             metrics["tts/reward_calls_per_image"] = float(point["reward_calls_per_image"])
-            child_params = {"sweep.kind": "best_of_n", "sweep.point": name, "n": n, "select_by": sw.select_by,
-                            "guidance_scale": ev.guidance_scale}
+            child_params = {
+                "sweep.kind": "best_of_n",
+                "sweep.point": name,
+                "n": n,
+                "select_by": sw.select_by,
+                "guidance_scale": ev.guidance_scale,
+            }
             with parent.child_run(name, params=child_params, tags={"sweep.kind": "best_of_n"}) as child:
                 child.log_metrics(metrics, step=0)
                 child.log_dict(point, "eval/best_of_n.json")
                 run_id = child.run_id
-            results.append({
-                "kind": "best_of_n", "name": name, "x": float(n), "n": n, "guidance_scale": float(ev.guidance_scale),
-                "reward_targets": dict(ev.reward_targets), "run_id": run_id, "output": tts["output"],
-                "accuracy": point.get("accuracy_by_tag", {}), "overall": point.get("overall"),
-                "rewards": {r: s["mean"] for r, s in point["rewards"].items()},
-                "denoiser_evals_per_image": point["denoiser_evals_per_image"],
-                "selection_reward_calls_per_image": point["selection_reward_calls_per_image"],
-                "reward_calls_per_image": point["reward_calls_per_image"],
-            })
+            results.append(
+                {
+                    "kind": "best_of_n",
+                    "name": name,
+                    "x": float(n),
+                    "n": n,
+                    "guidance_scale": float(ev.guidance_scale),
+                    "reward_targets": dict(ev.reward_targets),
+                    "run_id": run_id,
+                    "output": tts["output"],
+                    "accuracy": point.get("accuracy_by_tag", {}),
+                    "overall": point.get("overall"),
+                    "rewards": {r: s["mean"] for r, s in point["rewards"].items()},
+                    "denoiser_evals_per_image": point["denoiser_evals_per_image"],
+                    "selection_reward_calls_per_image": point["selection_reward_calls_per_image"],
+                    "reward_calls_per_image": point["reward_calls_per_image"],
+                }
+            )
             kk = min(GRID_PROMPTS, selected.shape[1])
             grids.setdefault("best_of_n", ([], []))[0].append(selected[k_n, :kk])
             grids["best_of_n"][1].append(f"N={n}")
@@ -268,14 +316,19 @@ def _figures(
     guid = [p for p in results if p["kind"] == "guidance"]
     targ = [p for p in results if p["kind"] == "target"]
     if guid:
-        figs["guidance.png"] = plots.tradeoff([p["x"] for p in guid], _series(guid), xlabel="guidance scale ω",
-                                              title=f"{run_label}: guidance trade-off")
+        figs["guidance.png"] = plots.tradeoff(
+            [p["x"] for p in guid], _series(guid), xlabel="guidance scale ω", title=f"{run_label}: guidance trade-off"
+        )
         radar_in = {f"ω={_fmt(p['x'])}": {k: v for k, v in p["rewards"].items()} for p in guid}
         if len({k for v in radar_in.values() for k in v}) >= 3:
             figs["radar_guidance.png"] = plots.radar(radar_in, title=f"{run_label}: reward means by ω")
     if targ:
-        figs[f"target_{target_reward}.png"] = plots.tradeoff([p["x"] for p in targ], _series(targ), xlabel=f"target {target_reward}",
-                                                             title=f"{run_label}: {target_reward} target trade-off")
+        figs[f"target_{target_reward}.png"] = plots.tradeoff(
+            [p["x"] for p in targ],
+            _series(targ),
+            xlabel=f"target {target_reward}",
+            title=f"{run_label}: {target_reward} target trade-off",
+        )
     if tts is not None:
         figs["tts.png"] = plots.tts_curves({run_label: tts}, select_by)
         if "overall" in tts["curves"]:
@@ -285,6 +338,7 @@ def _figures(
             continue
         k = min(c.shape[0] for c in cols)
         arr = np.stack([c[:k] for c in cols], axis=1)  # [k prompts, columns, H, W, 3]
-        figs[f"grid_{kind}.png"] = plots.image_grid(arr, prompts[:k] if len(prompts) >= k else None, labels,
-                                                    title=f"{run_label}: {kind} (fixed seeds)")
+        figs[f"grid_{kind}.png"] = plots.image_grid(
+            arr, prompts[:k] if len(prompts) >= k else None, labels, title=f"{run_label}: {kind} (fixed seeds)"
+        )
     return figs

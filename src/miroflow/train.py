@@ -24,12 +24,12 @@ from tqdm.auto import tqdm
 from miroflow.checkpoint import checkpoint_uri, latest_checkpoint, load_for_resume, prune_checkpoints, run_uri
 from miroflow.conditioning import BinSet, load_bins
 from miroflow.config import Params
+from miroflow.data.hashing import data_hash
 from miroflow.data.train_data import load_train_data
 from miroflow.flow import euler_sample
 from miroflow.models import create_codec, create_denoiser, create_text_encoder
-from miroflow.storage import Storage, from_config, join_uri
-from miroflow.data.hashing import data_hash
 from miroflow.rewards import mean_normalized_scores
+from miroflow.storage import Storage, from_config, join_uri
 from miroflow.tracking import NullTracker, Tracker
 from miroflow.train_state import (
     TrainInputs,
@@ -42,12 +42,12 @@ from miroflow.train_state import (
 )
 from miroflow.train_step import make_batch, train_step
 
-__all__ = ["TrainOutput", "resolve_reward_names", "build_train_state", "log_samples",
-           "run_train"]
+__all__ = ["TrainOutput", "resolve_reward_names", "build_train_state", "log_samples", "run_train"]
 
 
 # --------------------------------------------------------------------------- seams: rewards, data hash, embeds
 # The only places training touches miroflow.rewards, miroflow.prepare.data_hash and miroflow.embed.
+
 
 def _reward_means(names: list[str], images: Tensor, prompts: list[str], cache: object = None) -> dict[str, float]:
     """``reward/<name>`` = mean normalised score of the samples, for the weight-free rewards (built and
@@ -113,20 +113,37 @@ def _make_codec(params: Params, storage: Storage, device: torch.device) -> tuple
     return codec, stats
 
 
-def _miro_spec(params: Params, model: Any, reward_names: list[str], binset: BinSet | None, encoder: Any,
-               latent_stats: dict[str, Any] | None) -> dict[str, Any]:
+def _miro_spec(
+    params: Params,
+    model: Any,
+    reward_names: list[str],
+    binset: BinSet | None,
+    encoder: Any,
+    latent_stats: dict[str, Any] | None,
+) -> dict[str, Any]:
     """The ``miro.json`` document (without ``step``)."""
     tp = params.train
     bins = BinSet(binset.num_bins, {n: binset.rewards[n] for n in reward_names}).to_json() if binset else None
-    return {"run_name": tp.run_name, "text_encoder": tp.text_encoder, "text_max_length": int(encoder.max_length),
-            "latent": tp.latent, "vae": tp.vae if tp.latent == "vae" else None, "latent_stats": latent_stats,
-            "resolution": params.data.resolution, "reward_names": list(reward_names), "bins": bins,
-            "text_dropout": tp.text_dropout, "denoiser": model.config.model_dump(mode="json"), "seed": tp.seed,
-            "data_hash": _data_hash(params)}
+    return {
+        "run_name": tp.run_name,
+        "text_encoder": tp.text_encoder,
+        "text_max_length": int(encoder.max_length),
+        "latent": tp.latent,
+        "vae": tp.vae if tp.latent == "vae" else None,
+        "latent_stats": latent_stats,
+        "resolution": params.data.resolution,
+        "reward_names": list(reward_names),
+        "bins": bins,
+        "text_dropout": tp.text_dropout,
+        "denoiser": model.config.model_dump(mode="json"),
+        "seed": tp.seed,
+        "data_hash": _data_hash(params),
+    }
 
 
-def build_train_state(params: Params, storage: Storage | None = None, tracker: Tracker | None = None,
-                      resume: bool = False) -> TrainState:
+def build_train_state(
+    params: Params, storage: Storage | None = None, tracker: Tracker | None = None, resume: bool = False
+) -> TrainState:
     """Set up DDP, load the data (shards + scores + bins + embed sidecars), codec and text encoder, create
     (``torch.manual_seed(train.seed)``) or resume (latest checkpoint of the run) the denoiser, and build the
     :class:`~miroflow.train_state.TrainState`.
@@ -144,9 +161,17 @@ def build_train_state(params: Params, storage: Storage | None = None, tracker: T
     check_train_config(tp, ctx.world)
     learned = tp.text_encoder == "learned"
     frozen = None if learned else create_text_encoder(tp.text_encoder, device=ctx.device)
-    data = load_train_data(params.data.manifest, storage, reward_names, binset, params.score.manifest,
-                           text_encoder=frozen, text_spec=tp.text_encoder, embeds_manifest=_embeds_manifest(params),
-                           latent=tp.latent)
+    data = load_train_data(
+        params.data.manifest,
+        storage,
+        reward_names,
+        binset,
+        params.score.manifest,
+        text_encoder=frozen,
+        text_spec=tp.text_encoder,
+        embeds_manifest=_embeds_manifest(params),
+        latent=tp.latent,
+    )
     text: nn.Module | None = None
     if learned:
         caps = data.captions + [c for c in data.syn_captions or [] if c]
@@ -158,8 +183,14 @@ def build_train_state(params: Params, storage: Storage | None = None, tracker: T
         model = rs.denoiser
     else:
         chans = 3 if tp.latent == "pixel" else codec.channels
-        model = create_denoiser(tp.model, reward_names, text_dim=encoder.dim, pooled_dim=encoder.pooled_dim,
-                                in_channels=chans, sample_size=params.data.resolution // codec.downsample)
+        model = create_denoiser(
+            tp.model,
+            reward_names,
+            text_dim=encoder.dim,
+            pooled_dim=encoder.pooled_dim,
+            in_channels=chans,
+            sample_size=params.data.resolution // codec.downsample,
+        )
     miro = _miro_spec(params, model, reward_names, binset, encoder, latent_stats)
     inputs = TrainInputs(data, codec, model, reward_names, miro, text=text, frozen=frozen, resume=rs)
     return create_train_state(params, inputs, ctx, storage, tracker)
@@ -169,8 +200,15 @@ def build_train_state(params: Params, storage: Storage | None = None, tracker: T
 
 
 @torch.no_grad()
-def _sample_grid(params: Params, ema: nn.Module, encoder: Any, codec: Any, shape: tuple[int, int, int],
-                 reward_names: list[str], device: torch.device) -> tuple[np.ndarray, Tensor, list[str]]:
+def _sample_grid(
+    params: Params,
+    ema: nn.Module,
+    encoder: Any,
+    codec: Any,
+    shape: tuple[int, int, int],
+    reward_names: list[str],
+    device: torch.device,
+) -> tuple[np.ndarray, Tensor, list[str]]:
     """EMA samples of ``train.sample_prompts`` (fixed seed, rewards all 1.0):
     ``(grid uint8 [H, P·W, 3], images [P, 3, H, W] in [0, 1], prompts)``."""
     prompts = list(params.train.sample_prompts)
@@ -180,8 +218,13 @@ def _sample_grid(params: Params, ema: nn.Module, encoder: Any, codec: Any, shape
     gen = torch.Generator().manual_seed(params.train.seed)
     was_training = ema.training
     ema.eval()
-    x = euler_sample(lambda x_t, t: ema(x_t, t, tok, mask, pooled, rewards), (len(prompts), *shape),
-                     steps=params.train.sample_steps, generator=gen, device=device)
+    x = euler_sample(
+        lambda x_t, t: ema(x_t, t, tok, mask, pooled, rewards),
+        (len(prompts), *shape),
+        steps=params.train.sample_steps,
+        generator=gen,
+        device=device,
+    )
     ema.train(was_training)
     images = codec.decode(x).float().cpu()
     grid = (images.permute(2, 0, 3, 1).reshape(images.shape[2], -1, 3) * 255).round().to(torch.uint8).numpy()
@@ -192,8 +235,9 @@ def log_samples(state: TrainState) -> None:
     """Log the EMA sample grid (``samples``) and the weight-free ``reward/<name>`` means at ``state.step``."""
     state.ema.copy_to(state.ema_net.parameters())
     enc = state.ema_net.text if state.ema_net.text is not None else state.frozen
-    grid, images, prompts = _sample_grid(state.params, state.ema_net.denoiser, enc, state.codec, state.shape,
-                                         state.reward_names, state.device)
+    grid, images, prompts = _sample_grid(
+        state.params, state.ema_net.denoiser, enc, state.codec, state.shape, state.reward_names, state.device
+    )
     state.tracker.log_image(grid, key="samples", step=state.step)
     names = list(dict.fromkeys(state.reward_names + list(state.params.score.rewards)))
     state.tracker.log_metrics(_reward_means(names, images, prompts, state.scorers), state.step)
@@ -202,8 +246,13 @@ def log_samples(state: TrainState) -> None:
 # --------------------------------------------------------------------------- the loop
 
 
-def run_train(params: Params, storage: Storage | None = None, tracker: Tracker | None = None,
-              resume: bool = False, max_steps: int | None = None) -> TrainOutput:
+def run_train(
+    params: Params,
+    storage: Storage | None = None,
+    tracker: Tracker | None = None,
+    resume: bool = False,
+    max_steps: int | None = None,
+) -> TrainOutput:
     """Train (or resume) ``train.run_name``.
 
     ``max_steps`` stops early at that step (a checkpoint is written there) without changing the
@@ -214,8 +263,13 @@ def run_train(params: Params, storage: Storage | None = None, tracker: Tracker |
     tp, main, tracker_ = params.train, state.dist.main, state.tracker
     if main:
         tracker_.log_params(params.model_dump(mode="json"))
-        tracker_.set_tags({"run_name": tp.run_name, "kind": "miro" if state.reward_names else "baseline",
-                           "world_size": str(state.dist.world)})
+        tracker_.set_tags(
+            {
+                "run_name": tp.run_name,
+                "kind": "miro" if state.reward_names else "baseline",
+                "world_size": str(state.dist.world),
+            }
+        )
     stop = min(tp.steps, max_steps if max_steps is not None else tp.steps)
     losses: list[float] = []
     bar = tqdm(total=stop, initial=state.step, desc=f"train {tp.run_name}", unit="step", disable=not main)
@@ -240,5 +294,6 @@ def run_train(params: Params, storage: Storage | None = None, tracker: Tracker |
         if main:
             save_train_checkpoint(state, final)
     teardown_dist(state.dist)
-    return TrainOutput(checkpoint=final, loss=state.last_loss, steps=state.step, wall_time_s=time.time() - t0,
-                       losses=tuple(losses))
+    return TrainOutput(
+        checkpoint=final, loss=state.last_loss, steps=state.step, wall_time_s=time.time() - t0, losses=tuple(losses)
+    )

@@ -95,8 +95,10 @@ def check_train_config(tp: TrainConfig, world: int) -> None:
     if tp.optimizer != "adamw":
         raise ValueError(f"train.optimizer: {tp.optimizer!r} is not offered by miroflow.train; use 'adamw'")
     if tp.batch_size % (world * tp.grad_accum):
-        raise ValueError(f"train.batch_size {tp.batch_size} must be divisible by world size {world} "
-                         f"× train.grad_accum {tp.grad_accum}")
+        raise ValueError(
+            f"train.batch_size {tp.batch_size} must be divisible by world size {world} "
+            f"× train.grad_accum {tp.grad_accum}"
+        )
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
@@ -118,8 +120,16 @@ class TrainNet(nn.Module):
         super().__init__()
         self.denoiser, self.text = denoiser, text
 
-    def forward(self, x_t: Tensor, t: Tensor, tokens: Tensor | None, mask: Tensor | None, pooled: Tensor | None,
-                rewards: Tensor | None, captions: list[str] | None = None) -> Tensor:
+    def forward(
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        tokens: Tensor | None,
+        mask: Tensor | None,
+        pooled: Tensor | None,
+        rewards: Tensor | None,
+        captions: list[str] | None = None,
+    ) -> Tensor:
         """``x_t [b, C, h, w]``, ``t [b]``, text ``[b, L, D]``/``[b, L]``/``[b, Dp]`` (or ``captions`` for a
         trainable encoder), ``rewards [b, R]`` (NaN = absent) -> ``v [b, C, h, w]``."""
         if self.text is not None:
@@ -197,8 +207,13 @@ class TrainState:
         return self.dist.device
 
 
-def create_train_state(params: Params, inputs: TrainInputs, ctx: DistContext | None = None,
-                       storage: Storage | None = None, tracker: Tracker | None = None) -> TrainState:
+def create_train_state(
+    params: Params,
+    inputs: TrainInputs,
+    ctx: DistContext | None = None,
+    storage: Storage | None = None,
+    tracker: Tracker | None = None,
+) -> TrainState:
     """Build the nets, EMA, AdamW, LR schedule, DDP/compile wrapper and batch order around ``inputs``;
     a resumed run restores optimiser, scheduler, EMA, torch RNG and step from ``inputs.resume``.
 
@@ -212,8 +227,9 @@ def create_train_state(params: Params, inputs: TrainInputs, ctx: DistContext | N
     check_train_config(tp, ctx.world)
     device, rs, model, text, codec = ctx.device, inputs.resume, inputs.model, inputs.text, inputs.codec
     net = TrainNet(model, text).to(device)
-    ema_net = TrainNet(rs.ema_denoiser if rs else copy.deepcopy(model),
-                       rs.ema_text_encoder if rs else copy.deepcopy(text)).to(device)
+    ema_net = TrainNet(
+        rs.ema_denoiser if rs else copy.deepcopy(model), rs.ema_text_encoder if rs else copy.deepcopy(text)
+    ).to(device)
     ema_net.requires_grad_(False)
     ema = EMAModel(list(net.parameters()), decay=tp.ema_decay, foreach=False)
     opt = torch.optim.AdamW(net.parameters(), lr=tp.lr, weight_decay=tp.weight_decay)
@@ -241,13 +257,31 @@ def create_train_state(params: Params, inputs: TrainInputs, ctx: DistContext | N
         empty = TextArrays(e.tokens[0].cpu().half(), e.mask[0].cpu(), e.pooled[0].cpu().float())
     side = params.data.resolution // codec.downsample
     return TrainState(
-        params=params, dist=ctx, storage=storage or from_config(params.storage), tracker=tracker or NullTracker(),
-        run=run_uri(params), reward_names=list(inputs.reward_names), miro=inputs.miro, data=inputs.data,
+        params=params,
+        dist=ctx,
+        storage=storage or from_config(params.storage),
+        tracker=tracker or NullTracker(),
+        run=run_uri(params),
+        reward_names=list(inputs.reward_names),
+        miro=inputs.miro,
+        data=inputs.data,
         order=GlobalBatchOrder(len(inputs.data), tp.batch_size, tp.seed),
         rows=rank_slice(tp.batch_size, ctx.rank, ctx.world),
-        micro=(tp.batch_size // ctx.world) // tp.grad_accum, codec=codec, shape=(codec.channels, side, side),
-        frozen=inputs.frozen, empty=empty, net=net, ema_net=ema_net, ema=ema, opt=opt, sched=sched, ddp=ddp, fwd=fwd,
-        autocast=autocast, step=step, last_loss=last_loss,
+        micro=(tp.batch_size // ctx.world) // tp.grad_accum,
+        codec=codec,
+        shape=(codec.channels, side, side),
+        frozen=inputs.frozen,
+        empty=empty,
+        net=net,
+        ema_net=ema_net,
+        ema=ema,
+        opt=opt,
+        sched=sched,
+        ddp=ddp,
+        fwd=fwd,
+        autocast=autocast,
+        step=step,
+        last_loss=last_loss,
     )
 
 
@@ -257,18 +291,34 @@ def train_state_dict(state: TrainState) -> dict[str, Any]:
     device = state.device
     cuda = {"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}
     rng = {"torch": torch.get_rng_state(), **cuda}
-    return {"step": state.step, "last_loss": float(state.last_loss), "optimizer": state.opt.state_dict(),
-            "scheduler": state.sched.state_dict(),
-            "ema": {k: v for k, v in state.ema.state_dict().items() if k != "shadow_params"}, "rng": rng,
-            "data": {"step": state.step, "samples_seen": state.step * state.params.train.batch_size,
-                     "dataset_size": len(state.data)}}
+    return {
+        "step": state.step,
+        "last_loss": float(state.last_loss),
+        "optimizer": state.opt.state_dict(),
+        "scheduler": state.sched.state_dict(),
+        "ema": {k: v for k, v in state.ema.state_dict().items() if k != "shadow_params"},
+        "rng": rng,
+        "data": {
+            "step": state.step,
+            "samples_seen": state.step * state.params.train.batch_size,
+            "dataset_size": len(state.data),
+        },
+    }
 
 
 def save_train_checkpoint(state: TrainState, uri: str) -> str:
     """Copy the EMA weights into ``ema_net``, write the checkpoint to ``uri`` and log it; returns ``uri``."""
     state.ema.copy_to(state.ema_net.parameters())
     ts = train_state_dict(state)
-    save_checkpoint(uri, state.storage, state.net.denoiser, state.ema_net.denoiser,  # type: ignore[arg-type]
-                    dict(state.miro, step=state.step), ts, state.net.text, state.ema_net.text)
+    save_checkpoint(
+        uri,
+        state.storage,
+        state.net.denoiser,
+        state.ema_net.denoiser,  # type: ignore[arg-type]
+        dict(state.miro, step=state.step),
+        ts,
+        state.net.text,
+        state.ema_net.text,
+    )
     state.tracker.log_checkpoint(uri, state.step)
     return uri

@@ -81,8 +81,12 @@ class StepMetrics:
 
     def log_metrics(self, img_per_s: float | None = None) -> dict[str, float]:
         """``loss``, ``lr``, ``grad_norm``, ``img_per_s`` (default: :attr:`img_per_s`), ``loss/t_bin_k``."""
-        out = {"loss": self.loss, "lr": self.lr, "grad_norm": self.grad_norm,
-               "img_per_s": self.img_per_s if img_per_s is None else img_per_s}
+        out = {
+            "loss": self.loss,
+            "lr": self.lr,
+            "grad_norm": self.grad_norm,
+            "img_per_s": self.img_per_s if img_per_s is None else img_per_s,
+        }
         out.update({f"loss/t_bin_{k}": v for k, v in enumerate(self.t_bin_losses) if v is not None})
         return out
 
@@ -114,8 +118,9 @@ def make_batch(state: TrainState, step: int | None = None) -> StepBatch:
     use_syn = torch.rand(n, generator=g[0]) < tp.synthetic_caption_prob
     t_all = sample_t(n, generator=g[1])
     noise_all = torch.randn((n, *state.shape), generator=g[2])
-    rdrop = apply_reward_dropout(torch.zeros(n, len(state.reward_names)), tp.reward_dropout, tp.all_reward_dropout,
-                                 generator=g[3]).isnan()
+    rdrop = apply_reward_dropout(
+        torch.zeros(n, len(state.reward_names)), tp.reward_dropout, tp.all_reward_dropout, generator=g[3]
+    ).isnan()
     tdrop = apply_text_dropout(n, tp.text_dropout, generator=g[4])
     batch = state.data.batch(gidx[sl], use_syn[sl])
     x0 = to_model_space(batch.x, state.codec, device)
@@ -151,12 +156,21 @@ def train_step(state: TrainState, batch: StepBatch) -> StepMetrics:
             sync = state.ddp.no_sync()  # type: ignore[operator]
         with sync:
             with state.autocast:
-                text = (batch.text.tokens[ms], batch.text.mask[ms], batch.text.pooled[ms]) if batch.text is not None \
+                text = (
+                    (batch.text.tokens[ms], batch.text.mask[ms], batch.text.pooled[ms])
+                    if batch.text is not None
                     else (None, None, None)
-                pred = state.fwd(x_t, batch.t[ms], *text, batch.rewards[ms] if batch.rewards is not None else None,
-                                 list(batch.captions[ms]))
-            loss, per_bin, counts = flow_matching_loss(pred.float(), velocity_target(batch.x0[ms], batch.noise[ms]),
-                                                       batch.t[ms], T_BINS)
+                )
+                pred = state.fwd(
+                    x_t,
+                    batch.t[ms],
+                    *text,
+                    batch.rewards[ms] if batch.rewards is not None else None,
+                    list(batch.captions[ms]),
+                )
+            loss, per_bin, counts = flow_matching_loss(
+                pred.float(), velocity_target(batch.x0[ms], batch.noise[ms]), batch.t[ms], T_BINS
+            )
             (loss * (micro * world / tp.batch_size)).backward()
         sums += torch.cat([(per_bin * counts).double(), counts.double(), (loss.detach() * micro).double().reshape(1)])
     grad_norm = torch.nn.utils.clip_grad_norm_(state.net.parameters(), tp.grad_clip)
@@ -169,6 +183,12 @@ def train_step(state: TrainState, batch: StepBatch) -> StepMetrics:
     s = sums.cpu()
     state.last_loss = float(s[-1] / tp.batch_size)
     bins = tuple(float(s[k] / s[T_BINS + k]) if s[T_BINS + k] > 0 else None for k in range(T_BINS))
-    return StepMetrics(step=state.step, loss=state.last_loss, t_bin_losses=bins, grad_norm=float(grad_norm),
-                       lr=float(state.sched.get_last_lr()[0]), wall_s=time.perf_counter() - t0,
-                       batch_size=tp.batch_size)
+    return StepMetrics(
+        step=state.step,
+        loss=state.last_loss,
+        t_bin_losses=bins,
+        grad_norm=float(grad_norm),
+        lr=float(state.sched.get_last_lr()[0]),
+        wall_s=time.perf_counter() - t0,
+        batch_size=tp.batch_size,
+    )

@@ -426,7 +426,9 @@ def tts_with_images(
             "prompt_set": ev.prompt_set,
             "seed": ev.seed,
             "reward_targets": pipeline.resolve_reward_targets(ev.reward_targets, 1.0, "eval.reward_targets"),
-            "negative_reward_targets": pipeline.resolve_reward_targets(ev.negative_reward_targets, 0.0, "eval.negative_reward_targets"),
+            "negative_reward_targets": pipeline.resolve_reward_targets(
+                ev.negative_reward_targets, 0.0, "eval.negative_reward_targets"
+            ),
             "output": out,
             "model": {"run_name": spec.run_name, "step": spec.step, "reward_names": pipeline.reward_names},
         }
@@ -443,7 +445,9 @@ def tts_with_images(
                 "seed": int(cands.seeds[i, j]),
                 "tag": it.tag,
                 "prompt": it.prompt,
-                "correct": None if not math.isfinite(cands.judge["correct"][i, j]) else bool(cands.judge["correct"][i, j]),
+                "correct": None
+                if not math.isfinite(cands.judge["correct"][i, j])
+                else bool(cands.judge["correct"][i, j]),
                 "judge_score": json_safe(cands.judge["judge_score"][i, j]),
             }
             row.update({name: json_safe(cands.scores[name][i, j]) for name in reward_names})
@@ -452,12 +456,17 @@ def tts_with_images(
     st.write_bytes(join_uri(out, "tts.csv"), tts_csv(res).encode())
     k = min(GRID_PROMPTS, len(items))
     grid = np.transpose(selected_images[:, :k], (1, 0, 2, 3, 4))  # [k prompts, len(ns), H, W, 3]
-    fig_grid = plots.image_grid(grid, [it.prompt for it in items[:k]], [f"N={n}" for n in res["ns"]],
-                                title=f"best-of-N by {sw.select_by}")
+    fig_grid = plots.image_grid(
+        grid, [it.prompt for it in items[:k]], [f"N={n}" for n in res["ns"]], title=f"best-of-N by {sw.select_by}"
+    )
     st.write_bytes(join_uri(out, "selected.png"), plots.figure_png(fig_grid))
     series = {name: res["curves"][name] for name in res["curves"]}
-    fig_curve = plots.tradeoff(res["ns"], series, xlabel="N (candidates per prompt)",
-                               title=f"best-of-N by {sw.select_by}: every metric of the selected images")
+    fig_curve = plots.tradeoff(
+        res["ns"],
+        series,
+        xlabel="N (candidates per prompt)",
+        title=f"best-of-N by {sw.select_by}: every metric of the selected images",
+    )
     fig_curve.axes[0].set_xscale("log", base=2)
     st.write_bytes(join_uri(out, "tts.png"), plots.figure_png(fig_curve))
     st.write_bytes(join_uri(out, "tts.json"), (json.dumps(res, indent=2) + "\n").encode())

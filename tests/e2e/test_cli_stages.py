@@ -8,7 +8,6 @@ per-reward curves, the checkpoint URI and a registered model version.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -18,12 +17,36 @@ from miroflow.cli import app
 from miroflow.results import TrainResult
 
 SETTINGS = [
-    "-S", "data.num_samples=64", "-S", "data.shard_size=32",
-    "-S", "train.steps=6", "-S", "train.batch_size=8", "-S", "train.eval_every=3",
-    "-S", "train.checkpoint_every=3", "-S", "train.log_every=1", "-S", "train.sample_steps=2",
-    "-S", "train.warmup_steps=2", "-S", "train.run_name=e2e-miro",
-    "-S", "tracking.experiment=e2e-cli", "-S", "tracking.register_model=e2e-miro",
-    "-S", "eval.prompt_set=shapes:1", "-S", "eval.images_per_prompt=1", "-S", "eval.steps=2",
+    "-S",
+    "data.num_samples=64",
+    "-S",
+    "data.shard_size=32",
+    "-S",
+    "train.steps=6",
+    "-S",
+    "train.batch_size=8",
+    "-S",
+    "train.eval_every=3",
+    "-S",
+    "train.checkpoint_every=3",
+    "-S",
+    "train.log_every=1",
+    "-S",
+    "train.sample_steps=2",
+    "-S",
+    "train.warmup_steps=2",
+    "-S",
+    "train.run_name=e2e-miro",
+    "-S",
+    "tracking.experiment=e2e-cli",
+    "-S",
+    "tracking.register_model=e2e-miro",
+    "-S",
+    "eval.prompt_set=shapes:1",
+    "-S",
+    "eval.images_per_prompt=1",
+    "-S",
+    "eval.steps=2",
 ]
 
 

@@ -75,8 +75,10 @@ def test_quick_study_end_to_end_and_resume(tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
     db = tmp_path / "mlflow.db"
-    params = apply_overrides(load_params(REPO / "params.yaml"), [
-        f"storage.root={tmp_path / 'store'}", f"tracking.tracking_uri=sqlite:///{db}"])
+    params = apply_overrides(
+        load_params(REPO / "params.yaml"),
+        [f"storage.root={tmp_path / 'store'}", f"tracking.tracking_uri=sqlite:///{db}"],
+    )
     cfg = load_study_config(REPO / "study.yaml")
     out = tmp_path / "docs"
 
@@ -84,8 +86,15 @@ def test_quick_study_end_to_end_and_resume(tmp_path: Path) -> None:
 
     # the report and its figures
     md = (out / "results.md").read_text()
-    for section in ("## Claims", "## Setup and compute", "## Final comparison", "## Convergence and speed-up",
-                    "## Test-time scaling: best-of-N", "## Reward-target and guidance sweeps", "## Samples"):
+    for section in (
+        "## Claims",
+        "## Setup and compute",
+        "## Final comparison",
+        "## Convergence and speed-up",
+        "## Test-time scaling: best-of-N",
+        "## Reward-target and guidance sweeps",
+        "## Samples",
+    ):
         assert section in md
     assert "Quick size" in md and "cores" in md and "Budget:" in md
     figs = {p.name for p in (out / "figures").glob("*.png")}
@@ -134,7 +143,9 @@ def test_quick_study_end_to_end_and_resume(tmp_path: Path) -> None:
     assert again["final"] == study["final"]
     runs2 = client.search_runs([exp.experiment_id], max_results=500)
     p2 = next(r for r in runs2 if r.info.run_name == "study-quick" and r.info.run_id != pid)
-    assert not any(r.info.run_name.startswith("train-") and r.data.tags.get("mlflow.parentRunId") == p2.info.run_id for r in runs2)
+    assert not any(
+        r.info.run_name.startswith("train-") and r.data.tags.get("mlflow.parentRunId") == p2.info.run_id for r in runs2
+    )
 
 
 def test_unknown_size_is_rejected(tmp_path: Path) -> None:

@@ -8,8 +8,8 @@ from uuid import UUID
 
 import pytest
 
-from tests.tiny_models import tiny_random_pipeline
 from miroflow.config import Params
+from tests.tiny_models import tiny_random_pipeline
 
 REWARDS = ["sharpness", "contrast", "shapes_alignment"]
 DIM = 32
@@ -26,15 +26,29 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def _params(tmp: Path, checkpoint: str, tracking: bool) -> Params:
-    return Params.model_validate({
-        "train": {"run_name": "flowmodel"},
-        "eval": {"checkpoint": checkpoint, "prompt_set": "shapes:1", "num_prompts": 3, "images_per_prompt": 2,
-                 "steps": 2, "batch_size": 8, "rewards": ["sharpness", "compressibility", "shapes_alignment"]},
-        "sweep": {"guidance_scales": [0.0], "target_reward": "sharpness", "target_values": [0.0],
-                  "best_of_n": [1, 2], "select_by": "compressibility"},
-        "storage": {"root": str(tmp / "store")},
-        "tracking": {"experiment": "flows", "enabled": tracking},
-    })
+    return Params.model_validate(
+        {
+            "train": {"run_name": "flowmodel"},
+            "eval": {
+                "checkpoint": checkpoint,
+                "prompt_set": "shapes:1",
+                "num_prompts": 3,
+                "images_per_prompt": 2,
+                "steps": 2,
+                "batch_size": 8,
+                "rewards": ["sharpness", "compressibility", "shapes_alignment"],
+            },
+            "sweep": {
+                "guidance_scales": [0.0],
+                "target_reward": "sharpness",
+                "target_values": [0.0],
+                "best_of_n": [1, 2],
+                "select_by": "compressibility",
+            },
+            "storage": {"root": str(tmp / "store")},
+            "tracking": {"experiment": "flows", "enabled": tracking},
+        }
+    )
 
 
 def _task_runs(flow_run_id: UUID) -> list[object]:
@@ -88,7 +102,12 @@ def test_sweep_and_tts_flows(prefect_server: None, checkpoint: str, tmp_path: Pa
 
     p = _params(tmp_path, checkpoint, tracking=False)
     res = sweep(params=p)
-    assert [pt["name"] for pt in res["points"]] == ["guidance/omega=0", "target/sharpness=0", "best_of_n/n=1", "best_of_n/n=2"]
+    assert [pt["name"] for pt in res["points"]] == [
+        "guidance/omega=0",
+        "target/sharpness=0",
+        "best_of_n/n=1",
+        "best_of_n/n=2",
+    ]
     doc = json.loads(Path(res["sweep_json"]).read_text())
     assert doc["output"] == res["output"] and Path(res["plots"]["guidance.png"]).is_file()
     t = tts(params=p, overrides=["sweep.best_of_n=[1,3]"])

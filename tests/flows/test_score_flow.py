@@ -12,15 +12,29 @@ from miroflow.config import Params
 from miroflow.prepare import run_prepare
 from miroflow.score import clear_reward_cache, load_score_table
 
+
 def _params(tmp: Path, executor: str = "thread") -> Params:
-    return Params.model_validate({
-        "data": {"num_samples": 24, "shard_size": 8, "synthetic_captions": True,
-                 "manifest": str(tmp / "manifests" / "shards.json")},
-        "score": {"rewards": ["sharpness", "contrast", "shapes_alignment"], "batch_size": 8, "device": "cpu",
-                  "num_bins": 8, "max_workers": 2, "executor": executor,
-                  "manifest": str(tmp / "manifests" / "scores.json"), "bins": str(tmp / "manifests" / "bins.json")},
-        "storage": {"root": str(tmp / "store")},
-    })
+    return Params.model_validate(
+        {
+            "data": {
+                "num_samples": 24,
+                "shard_size": 8,
+                "synthetic_captions": True,
+                "manifest": str(tmp / "manifests" / "shards.json"),
+            },
+            "score": {
+                "rewards": ["sharpness", "contrast", "shapes_alignment"],
+                "batch_size": 8,
+                "device": "cpu",
+                "num_bins": 8,
+                "max_workers": 2,
+                "executor": executor,
+                "manifest": str(tmp / "manifests" / "scores.json"),
+                "bins": str(tmp / "manifests" / "bins.json"),
+            },
+            "storage": {"root": str(tmp / "store")},
+        }
+    )
 
 
 def _score_task_runs(flow_run_id: UUID) -> list[object]:
@@ -76,7 +90,6 @@ def test_flow_on_dask(prefect_server: None, tmp_path: Path) -> None:
 
 def test_only_transient_storage_errors_are_retried() -> None:
     from flows.score_dataset import is_transient
-
     from miroflow.storage import InvalidURIError, NoSuchBucketError, NotFoundError, StorageError
 
     assert is_transient(StorageError("read s3://b/k failed: 503", "s3://b/k"))

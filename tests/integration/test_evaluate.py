@@ -24,8 +24,12 @@ DIM = 32
 
 GENEVAL = [
     {"tag": "colors", "include": [{"class": "circle", "count": 1, "color": "red"}], "prompt": "a red circle"},
-    {"tag": "counting", "include": [{"class": "square", "count": 2, "color": "blue"}],
-     "exclude": [{"class": "square", "count": 3, "color": "blue"}], "prompt": "two blue squares"},
+    {
+        "tag": "counting",
+        "include": [{"class": "square", "count": 2, "color": "blue"}],
+        "exclude": [{"class": "square", "count": 3, "color": "blue"}],
+        "prompt": "two blue squares",
+    },
     {"tag": "single_object", "include": [{"class": "bench", "count": 1}], "prompt": "a photo of a bench"},
 ]
 
@@ -48,9 +52,19 @@ def _encoder() -> LearnedTokenEncoder:
 
 @pytest.fixture(scope="module")
 def pipe() -> MiroPipeline:
-    p = MiroPipeline(denoiser=_denoiser(), text_encoder=_encoder(), vae=PixelCodec(),
-                     spec={"text_encoder": "learned", "text_max_length": 12, "resolution": 32,
-                           "reward_names": REWARDS, "run_name": "tiny-run", "step": 40})
+    p = MiroPipeline(
+        denoiser=_denoiser(),
+        text_encoder=_encoder(),
+        vae=PixelCodec(),
+        spec={
+            "text_encoder": "learned",
+            "text_max_length": 12,
+            "resolution": 32,
+            "reward_names": REWARDS,
+            "run_name": "tiny-run",
+            "step": 40,
+        },
+    )
     p.set_progress_bar_config(disable=True)
     return p
 
@@ -147,7 +161,11 @@ def test_shapes_evaluation_reports_per_category_accuracy(tmp_path: Path, pipe: M
     assert summary["output"] == str(out)
     assert (out / "00011" / "samples" / "0000.png").is_file() and (out / "grid.png").is_file()
     # tracker got the summary metrics and the summary itself
-    assert {f"eval/{c}" for c in CATEGORIES} | {"eval/overall", "eval/reward/sharpness", "eval/reward/shapes_alignment"} <= set(tracker.metrics)
+    assert {f"eval/{c}" for c in CATEGORIES} | {
+        "eval/overall",
+        "eval/reward/sharpness",
+        "eval/reward/shapes_alignment",
+    } <= set(tracker.metrics)
     assert tracker.metrics["eval/overall"] == pytest.approx(saved["overall"])
     assert tracker.dicts["eval/summary.json"] == saved
     assert tracker.images and tracker.images[0][0] == "eval/samples"
@@ -172,9 +190,21 @@ def test_evaluate_loads_a_checkpoint_from_s3(s3_bucket: str, tmp_path: Path) -> 
     _denoiser(seed=6).save_pretrained(local / "denoiser")
     ema.save_pretrained(local / "ema")
     _encoder().save_pretrained(local / "ema_text_encoder")
-    miro = {"format": 1, "step": 20, "run_name": "miro", "text_encoder": "learned", "text_max_length": 12,
-            "latent": "pixel", "vae": None, "latent_stats": None, "resolution": 32, "reward_names": REWARDS,
-            "bins": None, "text_dropout": 0.0, "denoiser": ema.config.model_dump(mode="json")}
+    miro = {
+        "format": 1,
+        "step": 20,
+        "run_name": "miro",
+        "text_encoder": "learned",
+        "text_max_length": 12,
+        "latent": "pixel",
+        "vae": None,
+        "latent_stats": None,
+        "resolution": 32,
+        "reward_names": REWARDS,
+        "bins": None,
+        "text_dropout": 0.0,
+        "denoiser": ema.config.model_dump(mode="json"),
+    }
     (local / "miro.json").write_text(json.dumps(miro))
     ckpt = f"{root}/runs/miro/checkpoints/step-00000020"
     for f in sorted(local.rglob("*")):
@@ -253,6 +283,6 @@ def test_progress_of_other_settings_or_garbage_is_not_reused(tmp_path: Path, pip
     (out / "_progress" / "chunk-0000000.json").write_text("{not json")  # corrupt progress file
     other = _params(tmp_path / "store", prompt_set="shapes:1", num_prompts=5, seed=4)  # different sampling seed
     summary = run_evaluate(other, pipeline=pipe, out_uri=str(out))
-    fresh = run_evaluate(other, pipeline=pipe, out_uri=str(tmp_path / "fresh"))
+    run_evaluate(other, pipeline=pipe, out_uri=str(tmp_path / "fresh"))
     assert (out / "results.jsonl").read_text() == (tmp_path / "fresh" / "results.jsonl").read_text()
     assert summary["seed"] == 4

@@ -115,8 +115,9 @@ def test_import_no_tars_is_a_clear_error(tmp_path: Path) -> None:
 def test_import_from_s3_to_s3(moto_server: str, s3_bucket: str) -> None:
     storage = Storage(retries=1, backoff_s=0.01)
     storage.write_bytes(f"s3://{s3_bucket}/raw/cc12m/00000.tar", cc12m_tar(good=3))
-    report = import_tars(f"s3://{s3_bucket}/raw/cc12m/", f"s3://{s3_bucket}/store/shards", "train", 2, storage,
-                         progress=False)
+    report = import_tars(
+        f"s3://{s3_bucket}/raw/cc12m/", f"s3://{s3_bucket}/store/shards", "train", 2, storage, progress=False
+    )
     assert report.num_ok == 3 and len(report.rejected) == 4
     assert storage.list(f"s3://{s3_bucket}/") == sorted(
         [f"s3://{s3_bucket}/raw/cc12m/00000.tar"] + [e["uri"] for e in report.entries]

@@ -32,13 +32,29 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Params, str]:
     """Prepare 512 shapes samples, score and bin them, train a tiny MIRO model; returns (params, final URI)."""
     root = tmp_path_factory.mktemp("reward_target")
     ov = [
-        f"storage.root={root}/store", "data.num_samples=512", "data.shard_size=256",
-        f"data.manifest={root}/manifests/shards.json", f"score.manifest={root}/manifests/scores.json",
-        f"score.bins={root}/manifests/bins.json", "score.num_bins=16", f"score.rewards={json.dumps(REWARDS)}",
-        "score.device=cpu", "train.run_name=target", "train.model=tiny", "train.text_encoder=learned",
-        "train.steps=300", "train.batch_size=32", "train.lr=2e-3", "train.warmup_steps=20", "train.ema_decay=0.99",
-        "train.log_every=50", "train.eval_every=10000", "train.checkpoint_every=10000", "train.device=cpu",
-        "train.seed=0", "tracking.enabled=false",
+        f"storage.root={root}/store",
+        "data.num_samples=512",
+        "data.shard_size=256",
+        f"data.manifest={root}/manifests/shards.json",
+        f"score.manifest={root}/manifests/scores.json",
+        f"score.bins={root}/manifests/bins.json",
+        "score.num_bins=16",
+        f"score.rewards={json.dumps(REWARDS)}",
+        "score.device=cpu",
+        "train.run_name=target",
+        "train.model=tiny",
+        "train.text_encoder=learned",
+        "train.steps=300",
+        "train.batch_size=32",
+        "train.lr=2e-3",
+        "train.warmup_steps=20",
+        "train.ema_decay=0.99",
+        "train.log_every=50",
+        "train.eval_every=10000",
+        "train.checkpoint_every=10000",
+        "train.device=cpu",
+        "train.seed=0",
+        "tracking.enabled=false",
     ]
     params = apply_overrides(Params(), ov)
     run_prepare(params)
@@ -72,11 +88,21 @@ def test_sharpness_target_moves_sharpness(trained: tuple[Params, str]) -> None:
 
 def test_sweep_target_grid_on_the_trained_model(trained: tuple[Params, str], tmp_path: Path) -> None:
     params, ckpt = trained
-    p = apply_overrides(params, [
-        f"eval.checkpoint={ckpt}", "eval.prompt_set=shapes:2", "eval.images_per_prompt=2", "eval.steps=20",
-        "sweep.guidance_scales=[0.0]", "sweep.target_reward=sharpness", "sweep.target_values=[0.0,0.5,1.0]",
-        "sweep.best_of_n=[1,4]", "sweep.select_by=sharpness", f"eval.rewards={json.dumps(REWARDS)}",
-    ])
+    p = apply_overrides(
+        params,
+        [
+            f"eval.checkpoint={ckpt}",
+            "eval.prompt_set=shapes:2",
+            "eval.images_per_prompt=2",
+            "eval.steps=20",
+            "sweep.guidance_scales=[0.0]",
+            "sweep.target_reward=sharpness",
+            "sweep.target_values=[0.0,0.5,1.0]",
+            "sweep.best_of_n=[1,4]",
+            "sweep.select_by=sharpness",
+            f"eval.rewards={json.dumps(REWARDS)}",
+        ],
+    )
     doc = run_sweep(p, out_uri=str(tmp_path / "sweep"))
     target = [pt for pt in doc["points"] if pt["kind"] == "target"]
     sharp = [pt["rewards"]["sharpness"] for pt in target]

@@ -16,14 +16,25 @@ from miroflow.storage import Storage
 
 
 def _params(tmp: Path, bucket: str) -> Params:
-    return Params.model_validate({
-        "data": {"num_samples": 30, "shard_size": 10, "synthetic_captions": True,
-                 "manifest": str(tmp / "manifests" / "shards.json")},
-        "score": {"rewards": ["sharpness", "noise", "shapes_alignment"], "batch_size": 8, "device": "cpu",
-                  "num_bins": 8, "manifest": str(tmp / "manifests" / "scores.json"),
-                  "bins": str(tmp / "manifests" / "bins.json")},
-        "storage": {"root": f"s3://{bucket}/store", "retries": 2, "backoff_s": 0.05},
-    })
+    return Params.model_validate(
+        {
+            "data": {
+                "num_samples": 30,
+                "shard_size": 10,
+                "synthetic_captions": True,
+                "manifest": str(tmp / "manifests" / "shards.json"),
+            },
+            "score": {
+                "rewards": ["sharpness", "noise", "shapes_alignment"],
+                "batch_size": 8,
+                "device": "cpu",
+                "num_bins": 8,
+                "manifest": str(tmp / "manifests" / "scores.json"),
+                "bins": str(tmp / "manifests" / "bins.json"),
+            },
+            "storage": {"root": f"s3://{bucket}/store", "retries": 2, "backoff_s": 0.05},
+        }
+    )
 
 
 def test_score_and_bin_on_s3(tmp_path: Path, s3_bucket: str, moto_server: str) -> None:
@@ -56,9 +67,13 @@ def test_score_and_bin_on_s3(tmp_path: Path, s3_bucket: str, moto_server: str) -
     binset = run_bin(p, storage)
     assert binset.names == ["sharpness", "noise", "shapes_alignment"]
     assert binset.rewards["sharpness"].n == 30
-    n_syn = int(sum(np.isfinite(load_score_table(t["uri"], storage)["shapes_alignment"]).sum()
-                    + np.isfinite(load_score_table(t["uri"], storage)["shapes_alignment@synthetic"]).sum()
-                    for t in manifest["tables"]))
+    n_syn = int(
+        sum(
+            np.isfinite(load_score_table(t["uri"], storage)["shapes_alignment"]).sum()
+            + np.isfinite(load_score_table(t["uri"], storage)["shapes_alignment@synthetic"]).sum()
+            for t in manifest["tables"]
+        )
+    )
     assert binset.rewards["shapes_alignment"].n == n_syn > 30
     copy = f"s3://{s3_bucket}/store/bins/bins-{binset.hash}.json"
     assert json.loads(storage.read_bytes(copy)) == json.loads(Path(p.score.bins).read_text())

@@ -64,7 +64,10 @@ class _FlakyProxy:
                 for k, v in resp.getheaders():
                     if k.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):
                         self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data) if self.command != "HEAD" else resp.getheader("Content-Length") or 0))
+                self.send_header(
+                    "Content-Length",
+                    str(len(data) if self.command != "HEAD" else resp.getheader("Content-Length") or 0),
+                )
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
@@ -248,8 +251,12 @@ def test_connection_refused_retries_then_fails(moto_server: str, monkeypatch: py
 def _samples(n: int) -> list[Sample]:
     rng = np.random.default_rng(0)
     return [
-        Sample(key=f"train-{i:08d}", image=rng.integers(0, 256, (8, 8, 3), dtype=np.uint8),
-               caption=f"caption {i}", meta={"i": i})
+        Sample(
+            key=f"train-{i:08d}",
+            image=rng.integers(0, 256, (8, 8, 3), dtype=np.uint8),
+            caption=f"caption {i}",
+            meta={"i": i},
+        )
         for i in range(n)
     ]
 

@@ -111,9 +111,17 @@ def test_shard_streaming_survives_a_drop(moto_server: str, s3_bucket: str, proxy
     from miroflow.config import Params
     from miroflow.prepare import run_prepare
 
-    params = Params.model_validate({"data": {"num_samples": 300, "shard_size": 300, "resolution": 32,
-                                             "manifest": str(tmp_path / "shards.json")},
-                                    "storage": {"root": f"s3://{s3_bucket}/data"}})
+    params = Params.model_validate(
+        {
+            "data": {
+                "num_samples": 300,
+                "shard_size": 300,
+                "resolution": 32,
+                "manifest": str(tmp_path / "shards.json"),
+            },
+            "storage": {"root": f"s3://{s3_bucket}/data"},
+        }
+    )
     st = Storage(retries=3, backoff_s=0.01)
     uri = run_prepare(params, st)["shards"][0]["uri"]
     expected = [r["key"] for r in iter_shard(uri, st)]
@@ -130,7 +138,9 @@ def test_without_retries_the_error_names_uri_and_offset(moto_server: str, s3_buc
                 pass
 
 
-def test_object_replaced_mid_read_is_an_error_not_a_splice(moto_server: str, s3_bucket: str, proxy: CuttingProxy) -> None:
+def test_object_replaced_mid_read_is_an_error_not_a_splice(
+    moto_server: str, s3_bucket: str, proxy: CuttingProxy
+) -> None:
     _put(moto_server, s3_bucket, "big.bin", b"a" * (2 * 1024 * 1024))
     proxy.arm(cut_after=500_000, on_cut=lambda: _put(moto_server, s3_bucket, "big.bin", b"b" * (2 * 1024 * 1024)))
     with Storage(retries=3, backoff_s=0.01).open_read(f"s3://{s3_bucket}/big.bin") as f:

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.tiny_models import tiny_random_pipeline
+from miroflow import stages
 from miroflow.config import Params
 from miroflow.pipeline import MiroPipeline
-from miroflow import stages
 from miroflow.results import SweepResult
 from miroflow.sweep import plan_points, run_sweep
+from tests.tiny_models import tiny_random_pipeline
 
 REWARDS = ["sharpness", "contrast", "shapes_alignment"]
 DIM = 32
@@ -24,16 +24,30 @@ def _pipe(rewards: list[str] = REWARDS) -> MiroPipeline:
 
 
 def _params(root: Path, experiment: str, **sweep: object) -> Params:
-    sw: dict[str, object] = {"guidance_scales": [0.0, 1.0], "target_reward": "contrast", "target_values": [0.0, 1.0],
-                             "best_of_n": [1, 2, 4], "select_by": "compressibility"}
+    sw: dict[str, object] = {
+        "guidance_scales": [0.0, 1.0],
+        "target_reward": "contrast",
+        "target_values": [0.0, 1.0],
+        "best_of_n": [1, 2, 4],
+        "select_by": "compressibility",
+    }
     sw.update(sweep)
-    return Params.model_validate({
-        "eval": {"prompt_set": "shapes:1", "num_prompts": 6, "images_per_prompt": 1, "steps": 2, "batch_size": 32, "seed": 1,
-                 "rewards": ["sharpness", "contrast", "compressibility", "shapes_alignment"]},
-        "sweep": sw,
-        "storage": {"root": str(root)},
-        "tracking": {"experiment": experiment},
-    })
+    return Params.model_validate(
+        {
+            "eval": {
+                "prompt_set": "shapes:1",
+                "num_prompts": 6,
+                "images_per_prompt": 1,
+                "steps": 2,
+                "batch_size": 32,
+                "seed": 1,
+                "rewards": ["sharpness", "contrast", "compressibility", "shapes_alignment"],
+            },
+            "sweep": sw,
+            "storage": {"root": str(root)},
+            "tracking": {"experiment": experiment},
+        }
+    )
 
 
 def test_sweep_logs_one_child_run_per_point_and_plots_on_the_parent(
@@ -55,14 +69,26 @@ def test_sweep_logs_one_child_run_per_point_and_plots_on_the_parent(
     assert parent.info.run_name == "sweep-tiny-sweep" and parent.info.status == "FINISHED"
     assert "mlflow.parentRunId" not in parent.data.tags
     children = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
-    expected = ["guidance/omega=0", "guidance/omega=1", "target/contrast=0", "target/contrast=1",
-                "best_of_n/n=1", "best_of_n/n=2", "best_of_n/n=4"]
+    expected = [
+        "guidance/omega=0",
+        "guidance/omega=1",
+        "target/contrast=0",
+        "target/contrast=1",
+        "best_of_n/n=1",
+        "best_of_n/n=2",
+        "best_of_n/n=4",
+    ]
     assert sorted(r.info.run_name for r in children) == sorted(expected)
     assert all(r.info.status == "FINISHED" for r in children)
     by_name = {r.info.run_name: r for r in children}
     for r in children:  # every point has the same evaluation metrics
-        assert {"eval/overall", "eval/reward/sharpness", "eval/reward/contrast", "eval/reward/compressibility",
-                "eval/reward/shapes_alignment"} <= set(r.data.metrics), r.info.run_name
+        assert {
+            "eval/overall",
+            "eval/reward/sharpness",
+            "eval/reward/contrast",
+            "eval/reward/compressibility",
+            "eval/reward/shapes_alignment",
+        } <= set(r.data.metrics), r.info.run_name
     assert by_name["guidance/omega=1"].data.params["guidance_scale"] == "1.0"
     assert json.loads(by_name["target/contrast=0"].data.params["reward_targets"]) == {"contrast": 0.0}
     assert by_name["best_of_n/n=4"].data.metrics["tts/denoiser_evals_per_image"] == 4 * 2
@@ -76,12 +102,23 @@ def test_sweep_logs_one_child_run_per_point_and_plots_on_the_parent(
     bon = [points[f"best_of_n/n={n}"]["rewards"]["compressibility"] for n in (1, 2, 4)]
     assert bon == sorted(bon) and bon[-1] > bon[0]
     # the target grid did change the conditioning (every other reward at 1)
-    assert points["target/contrast=0"]["reward_targets_resolved"] == {"sharpness": 1.0, "contrast": 0.0, "shapes_alignment": 1.0}
+    assert points["target/contrast=0"]["reward_targets_resolved"] == {
+        "sharpness": 1.0,
+        "contrast": 0.0,
+        "shapes_alignment": 1.0,
+    }
 
     # plots: artifacts of the PARENT, and files in the sweep's output dir
     parent_plots = {a.path for a in client.list_artifacts(parent_id, "plots")}
-    want = {"plots/guidance.png", "plots/target_contrast.png", "plots/tts.png", "plots/radar_guidance.png",
-            "plots/grid_guidance.png", "plots/grid_target.png", "plots/grid_best_of_n.png"}
+    want = {
+        "plots/guidance.png",
+        "plots/target_contrast.png",
+        "plots/tts.png",
+        "plots/radar_guidance.png",
+        "plots/grid_guidance.png",
+        "plots/grid_target.png",
+        "plots/grid_best_of_n.png",
+    }
     assert want <= parent_plots
     assert "sweep.json" in {a.path for a in client.list_artifacts(parent_id)}
     for r in children:
@@ -104,12 +141,15 @@ def test_sweep_logs_one_child_run_per_point_and_plots_on_the_parent(
 
 def test_target_grid_errors_and_skips() -> None:
     p = Params.model_validate({"sweep": {"target_reward": "hpsv2"}})
-    with pytest.raises(ValueError, match="target_reward='hpsv2' is not a reward of this model; its rewards are: sharpness, contrast"):
+    with pytest.raises(
+        ValueError, match="target_reward='hpsv2' is not a reward of this model; its rewards are: sharpness, contrast"
+    ):
         plan_points(p, ["sharpness", "contrast"])
     points, notes = plan_points(p, [])  # a baseline: no reward to target
     assert {pt["kind"] for pt in points} == {"guidance", "best_of_n"} and "baseline" in notes[0]
-    points, _ = plan_points(Params.model_validate({"sweep": {"target_reward": "sharpness", "target_values": [0.5]}}),
-                            ["sharpness", "noise"])
+    points, _ = plan_points(
+        Params.model_validate({"sweep": {"target_reward": "sharpness", "target_values": [0.5]}}), ["sharpness", "noise"]
+    )
     (t,) = [pt for pt in points if pt["kind"] == "target"]
     assert t["reward_targets"] == {"sharpness": 0.5} and t["guidance_scale"] == 0.0
 
@@ -118,7 +158,10 @@ def test_sweep_without_tracking_still_writes_outputs(tmp_path: Path) -> None:
     params = _params(tmp_path / "store", experiment="unused", guidance_scales=[0.5], target_values=[], best_of_n=[2])
     params = params.model_copy(update={"tracking": params.tracking.model_copy(update={"enabled": False})})
     doc = run_sweep(params, pipeline=_pipe())
-    assert doc["parent_run_id"] is None and [p["name"] for p in doc["points"]] == ["guidance/omega=0.5", "best_of_n/n=2"]
+    assert doc["parent_run_id"] is None and [p["name"] for p in doc["points"]] == [
+        "guidance/omega=0.5",
+        "best_of_n/n=2",
+    ]
     assert all(p["run_id"] is None for p in doc["points"])
     out = Path(doc["output"])
     assert (out / "plots" / "guidance.png").is_file() and (out / "sweep.json").is_file()

@@ -95,7 +95,9 @@ def test_resolve_tracking_uri_default_is_sqlite_under_cwd_work(tmp_path: Path, m
     assert T.resolve_tracking_uri(TrackingConfig(tracking_uri="http://127.0.0.1:1")) == "http://127.0.0.1:2"
 
 
-def test_default_local_store_writes_db_and_artifacts_under_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_local_store_writes_db_and_artifacts_under_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
     with T.start_run(_params(), run_name="local") as tracker:
@@ -115,8 +117,18 @@ def test_mlflow_and_null_trackers_match_the_one_tracker_protocol() -> None:
     import inspect
 
     names = [n for n, v in vars(T.Tracker).items() if inspect.isfunction(v) and not n.startswith("_")]
-    assert {"log_params", "log_metrics", "log_image", "log_dict", "log_figure", "log_artifact", "set_tags",
-            "log_checkpoint", "register_model", "child_run"} <= set(names)
+    assert {
+        "log_params",
+        "log_metrics",
+        "log_image",
+        "log_dict",
+        "log_figure",
+        "log_artifact",
+        "set_tags",
+        "log_checkpoint",
+        "register_model",
+        "child_run",
+    } <= set(names)
     for impl in (T.MlflowTracker, T.NullTracker):
         for name in names:
             want = list(inspect.signature(getattr(T.Tracker, name)).parameters)
@@ -185,7 +197,9 @@ def test_metrics_by_step(client: MlflowClient) -> None:
     assert [m.value for m in rew] == pytest.approx([0.0, 0.1, 0.2])
 
 
-def test_tracked_run_is_a_null_tracker_when_off_or_off_rank0(client: MlflowClient, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tracked_run_is_a_null_tracker_when_off_or_off_rank0(
+    client: MlflowClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with T.tracked_run(_params(tracking={"enabled": False}), "off") as off:
         assert isinstance(off, T.NullTracker) and off.run_id is None  # tracking disabled: no run, no server call
         with off.child_run("child", params={"a": 1}) as child:
@@ -207,6 +221,7 @@ def test_tracked_run_is_a_null_tracker_when_off_or_off_rank0(client: MlflowClien
 
 def test_metrics_from_many_threads(client: MlflowClient) -> None:
     with T.start_run(_params(), run_name="threads") as tracker:
+
         def work(i: int) -> None:
             for s in range(5):
                 tracker.log_metrics({f"m{i}": float(s)}, step=s)
@@ -276,16 +291,19 @@ def test_checkpoint_uri_recorded(client: MlflowClient) -> None:
     ]
 
 
-def test_relative_checkpoint_paths_are_recorded_absolute(client: MlflowClient, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_relative_checkpoint_paths_are_recorded_absolute(
+    client: MlflowClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     with T.start_run(_params(), run_name="ckpt-rel") as tracker:
         tracker.log_checkpoint("work/runs/x/checkpoints/step-00000010", step=10)
         tracker.log_checkpoint("file:///data/runs/x/final", step=20)  # a URI with a scheme stays as given
         run_id = tracker.run_id
     data = json.loads(Path(client.download_artifacts(run_id, "checkpoints.json")).read_text())
-    assert [c["uri"] for c in data["checkpoints"]] == [str(tmp_path / "work/runs/x/checkpoints/step-00000010"),
-                                                       "file:///data/runs/x/final"]
+    assert [c["uri"] for c in data["checkpoints"]] == [
+        str(tmp_path / "work/runs/x/checkpoints/step-00000010"),
+        "file:///data/runs/x/final",
+    ]
     assert T.absolute_uri("s3://bucket/k") == "s3://bucket/k" and T.absolute_uri("s3:/bad") == "s3:/bad"
 
 
@@ -315,7 +333,10 @@ def test_register_model_version_exists(client: MlflowClient, tmp_path: Path) -> 
     assert client.get_registered_model(name).name == name
     top = {Path(a.path).name for a in client.list_artifacts(run_id, "final")}
     assert top == {"denoiser", "ema", "miro.json"}  # train_state.pt is not part of the model
-    assert {Path(a.path).name for a in client.list_artifacts(run_id, "final/ema")} == {"model.safetensors", "config.json"}
+    assert {Path(a.path).name for a in client.list_artifacts(run_id, "final/ema")} == {
+        "model.safetensors",
+        "config.json",
+    }
     with pytest.raises(FileNotFoundError, match="nope"):
         T.register_model(run_id, "nope", name)
 
@@ -357,7 +378,9 @@ def test_failed_run_is_marked_failed(client: MlflowClient) -> None:
     assert client.get_run(run_id).info.status == "FAILED"
 
 
-def test_git_commit_unknown_in_repo_without_commits(client: MlflowClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_git_commit_unknown_in_repo_without_commits(
+    client: MlflowClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     repo = tmp_path / "repo"
     repo.mkdir()
     subprocess.run(["git", "init", "-q", str(repo)], check=True)
@@ -370,7 +393,9 @@ def test_git_commit_unknown_in_repo_without_commits(client: MlflowClient, tmp_pa
     assert "mlflow.source.git.commit" not in run.data.tags
 
 
-def test_git_commit_dirty_flag_and_manifest_hash(client: MlflowClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_git_commit_dirty_flag_and_manifest_hash(
+    client: MlflowClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     repo = tmp_path / "repo"
     (repo / "manifests").mkdir(parents=True)
     manifest = repo / "manifests" / "shards.json"

@@ -65,9 +65,16 @@ class RecordingTracker:
 def data_overrides(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     """Overrides of a prepared, scored, binned 256-sample dataset with synthetic captions."""
     root = tmp_path_factory.mktemp("train")
-    ov = [f"storage.root={root}/store", "data.num_samples=256", "data.shard_size=128", "data.synthetic_captions=true",
-          f"data.manifest={root}/manifests/shards.json", f"score.manifest={root}/manifests/scores.json",
-          f"score.bins={root}/manifests/bins.json", "score.num_bins=16"]
+    ov = [
+        f"storage.root={root}/store",
+        "data.num_samples=256",
+        "data.shard_size=128",
+        "data.synthetic_captions=true",
+        f"data.manifest={root}/manifests/shards.json",
+        f"score.manifest={root}/manifests/scores.json",
+        f"score.bins={root}/manifests/bins.json",
+        "score.num_bins=16",
+    ]
     params = apply_overrides(Params(), ov)
     run_prepare(params)
     run_score(params)
@@ -77,9 +84,22 @@ def data_overrides(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
 
 def train_overrides(data: list[str], run: str, *extra: str) -> list[str]:
     """Tiny-model training overrides on top of the dataset's."""
-    return [*data, f"train.run_name={run}", "train.model=tiny", "train.steps=30", "train.batch_size=16", "train.warmup_steps=5",
-            "train.log_every=1", "train.eval_every=1000", "train.sample_steps=2", "train.checkpoint_every=10",
-            "train.synthetic_caption_prob=0.5", "train.text_dropout=0.1", "train.seed=1", *extra]
+    return [
+        *data,
+        f"train.run_name={run}",
+        "train.model=tiny",
+        "train.steps=30",
+        "train.batch_size=16",
+        "train.warmup_steps=5",
+        "train.log_every=1",
+        "train.eval_every=1000",
+        "train.sample_steps=2",
+        "train.checkpoint_every=10",
+        "train.synthetic_caption_prob=0.5",
+        "train.text_dropout=0.1",
+        "train.seed=1",
+        *extra,
+    ]
 
 
 def test_loss_falls_and_metrics_are_logged(data_overrides: list[str]) -> None:
@@ -114,8 +134,11 @@ def test_sigkill_then_resume_is_bit_identical(data_overrides: list[str], tmp_pat
     params = apply_overrides(Params(), ov)
     (tmp_path / "ov.json").write_text(json.dumps(ov))
     threshold = random.choice([5, 10, 15, 20])
-    proc = subprocess.Popen([sys.executable, str(WORKER), str(tmp_path / "ov.json"), str(tmp_path / "out.json")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(WORKER), str(tmp_path / "ov.json"), str(tmp_path / "out.json")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 400
         while True:
@@ -136,7 +159,11 @@ def test_sigkill_then_resume_is_bit_identical(data_overrides: list[str], tmp_pat
     assert killed_at < 40
     resumed = run_train(params, resume=True)
     assert resumed.steps == 40 and len(resumed.losses) == 40 - killed_at
-    reference = run_train(apply_overrides(Params(), train_overrides(data_overrides, "uninterrupted", "train.steps=40", "train.checkpoint_every=5")))
+    reference = run_train(
+        apply_overrides(
+            Params(), train_overrides(data_overrides, "uninterrupted", "train.steps=40", "train.checkpoint_every=5")
+        )
+    )
     a, b = _ema(resumed.checkpoint), _ema(reference.checkpoint)
     assert a.keys() == b.keys()
     for k in a:
@@ -149,11 +176,22 @@ def test_torchrun_two_ranks_match_one_process(data_overrides: list[str], tmp_pat
     ov = train_overrides(data_overrides, "ddp", "train.checkpoint_every=100")
     (tmp_path / "ov.json").write_text(json.dumps(ov))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [str(VENV_BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(WORKER), str(tmp_path / "ov.json"), str(tmp_path / "out.json"), "10"]
+    cmd = [
+        str(VENV_BIN / "torchrun"),
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(WORKER),
+        str(tmp_path / "ov.json"),
+        str(tmp_path / "out.json"),
+        "10",
+    ]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=500)
     assert res.returncode == 0, res.stderr[-4000:]
     ddp = json.loads((tmp_path / "out.json").read_text())
-    single = run_train(apply_overrides(Params(), train_overrides(data_overrides, "single", "train.checkpoint_every=100")), max_steps=10)
+    single = run_train(
+        apply_overrides(Params(), train_overrides(data_overrides, "single", "train.checkpoint_every=100")), max_steps=10
+    )
     assert len(ddp["losses"]) == len(single.losses) == 10
     np.testing.assert_allclose(ddp["losses"], single.losses, atol=1e-4, rtol=0)
 
@@ -165,17 +203,26 @@ def test_resume_with_other_architecture_fails_naming_keys(data_overrides: list[s
     with pytest.raises(ArchitectureMismatch) as err:
         run_train(other, resume=True)
     msg = str(err.value)
-    assert "num_layers (checkpoint 3, params 4)" in msg and "reward_names (checkpoint [" in msg and "params ['sharpness'])" in msg
+    assert (
+        "num_layers (checkpoint 3, params 4)" in msg
+        and "reward_names (checkpoint [" in msg
+        and "params ['sharpness'])" in msg
+    )
 
 
 def test_baseline_and_miro_differ_by_one_param(data_overrides: list[str]) -> None:
     from miroflow.checkpoint import load_model
 
     miro = run_train(apply_overrides(Params(), train_overrides(data_overrides, "miro3", "train.steps=3")))
-    base = run_train(apply_overrides(Params(), train_overrides(data_overrides, "base3", "train.steps=3", "train.rewards=[]")))
+    base = run_train(
+        apply_overrides(Params(), train_overrides(data_overrides, "base3", "train.steps=3", "train.rewards=[]"))
+    )
     m_model, m_spec = load_model(miro.checkpoint)
     b_model, b_spec = load_model(base.checkpoint)
-    assert m_spec["reward_names"] == ["sharpness", "noise", "contrast", "compressibility", "shapes_alignment"] and b_spec["reward_names"] == []
+    assert (
+        m_spec["reward_names"] == ["sharpness", "noise", "contrast", "compressibility", "shapes_alignment"]
+        and b_spec["reward_names"] == []
+    )
     assert b_spec["bins"] is None and m_spec["bins"]["num_bins"] == 16
     assert count_params(m_model) - count_params(b_model) == count_params(m_model.reward_embedder) > 0
     assert all(math.isfinite(v) for v in miro.losses + base.losses)

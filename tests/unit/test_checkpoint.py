@@ -35,14 +35,29 @@ def _models(rewards: list[str]) -> tuple[MiroDenoiser, MiroDenoiser]:
 
 
 def _miro(model: MiroDenoiser, step: int) -> dict[str, Any]:
-    return {"step": step, "run_name": "r", "text_encoder": "minilm", "text_max_length": 32, "latent": "pixel", "vae": None,
-            "latent_stats": None, "resolution": 32, "reward_names": model.reward_names, "bins": None, "text_dropout": 0.0,
-            "denoiser": model.config.model_dump(mode="json")}
+    return {
+        "step": step,
+        "run_name": "r",
+        "text_encoder": "minilm",
+        "text_max_length": 32,
+        "latent": "pixel",
+        "vae": None,
+        "latent_stats": None,
+        "resolution": 32,
+        "reward_names": model.reward_names,
+        "bins": None,
+        "text_dropout": 0.0,
+        "denoiser": model.config.model_dump(mode="json"),
+    }
 
 
 def _state() -> dict[str, Any]:
-    return {"step": 3, "optimizer": {"state": {0: {"exp_avg": torch.ones(2)}}, "param_groups": [{"lr": 0.1}]},
-            "rng": {"torch": torch.get_rng_state()}, "data": {"step": 3}}
+    return {
+        "step": 3,
+        "optimizer": {"state": {0: {"exp_avg": torch.ones(2)}}, "param_groups": [{"lr": 0.1}]},
+        "rng": {"torch": torch.get_rng_state()},
+        "data": {"step": 3},
+    }
 
 
 def _save(run: str, step: int, storage: Storage, rewards: list[str] | None = None) -> tuple[str, MiroDenoiser]:
@@ -62,7 +77,13 @@ def test_layout_latest_and_prune(tmp_path: Path) -> None:
     for step in (10, 20, 30):
         _save(run, step, storage)
     ck = Path(checkpoint_uri(run, 30))
-    for rel in ("denoiser/config.json", "denoiser/model.safetensors", "ema/model.safetensors", "train_state.pt", "miro.json"):
+    for rel in (
+        "denoiser/config.json",
+        "denoiser/model.safetensors",
+        "ema/model.safetensors",
+        "train_state.pt",
+        "miro.json",
+    ):
         assert (ck / rel).is_file(), rel
     assert json.loads((ck / "miro.json").read_text())["format"] == 1
     # A checkpoint without miro.json (killed mid-write) is ignored.
@@ -72,7 +93,9 @@ def test_layout_latest_and_prune(tmp_path: Path) -> None:
     assert deleted == [checkpoint_uri(run, 10)]
     assert [s for s, _ in list_checkpoints(run, storage)] == [20]
     assert not Path(checkpoint_uri(run, 10)).exists()
-    assert (Path(checkpoint_uri(run, 30)) / "ema" / "model.safetensors").is_file()  # newer incomplete one kept (may be in progress)
+    assert (
+        Path(checkpoint_uri(run, 30)) / "ema" / "model.safetensors"
+    ).is_file()  # newer incomplete one kept (may be in progress)
 
 
 def test_load_model_and_resume_state(tmp_path: Path) -> None:

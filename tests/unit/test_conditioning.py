@@ -67,9 +67,7 @@ def test_monotone_property_random() -> None:
     rng = _rng(3)
     for trial in range(20):
         # Mixture of continuous values and heavy ties.
-        data = np.concatenate(
-            [rng.normal(size=500), np.round(rng.normal(size=500), 1), np.full(200, 0.3)]
-        )
+        data = np.concatenate([rng.normal(size=500), np.round(rng.normal(size=500), 1), np.full(200, 0.3)])
         bs = fit_bins({"r": data}, num_bins=int(rng.integers(2, 70)), seed=trial)
         probe = np.sort(np.concatenate([rng.normal(scale=3, size=2000), data]))
         cond = bs.transform_one("r", probe)
@@ -199,9 +197,7 @@ def test_json_roundtrip_and_hash(tmp_path: Path) -> None:
     doc = bs.to_json()
     assert doc["version"] == 1 and doc["num_bins"] == 64
     assert len(doc["rewards"]["aesthetic"]["edges"]) == 65
-    assert doc["rewards"]["clip"] == {
-        "edges": doc["rewards"]["clip"]["edges"], "n": 1000, "version": "jina-v2"
-    }
+    assert doc["rewards"]["clip"] == {"edges": doc["rewards"]["clip"]["edges"], "n": 1000, "version": "jina-v2"}
     assert isinstance(doc["hash"], str) and len(doc["hash"]) == 64
     json.dumps(doc, allow_nan=False)  # plain JSON
     back = BinSet.from_json(json.loads(json.dumps(doc)))
@@ -215,8 +211,7 @@ def test_json_roundtrip_and_hash(tmp_path: Path) -> None:
     assert reordered.hash == bs.hash
     changed = bs.rewards["clip"].edges.copy()
     changed[10] = np.nextafter(changed[10], -np.inf)
-    other = BinSet(64, {"aesthetic": bs.rewards["aesthetic"],
-                        "clip": RewardBins("clip", changed, "jina-v2", 1000)})
+    other = BinSet(64, {"aesthetic": bs.rewards["aesthetic"], "clip": RewardBins("clip", changed, "jina-v2", 1000)})
     assert other.hash != bs.hash
 
     path = save_bins(bs, tmp_path / "sub" / "bins.json")
@@ -261,8 +256,9 @@ def test_load_errors_name_file_and_key(tmp_path: Path) -> None:
     with pytest.raises(BinsFormatError, match="bad.json: hash"):
         load_bins(_write(tmp_path, doc))
     del doc["hash"]
-    assert load_bins(_write(tmp_path, doc)).rewards["aesthetic"].edges[-1] == doc["rewards"][
-        "aesthetic"]["edges"][-1]  # the hash is optional on input
+    assert (
+        load_bins(_write(tmp_path, doc)).rewards["aesthetic"].edges[-1] == doc["rewards"]["aesthetic"]["edges"][-1]
+    )  # the hash is optional on input
     doc["rewards"]["aesthetic"]["edges"][2] = doc["rewards"]["aesthetic"]["edges"][0] - 1.0
     with pytest.raises(BinsFormatError, match="non-decreasing"):
         load_bins(_write(tmp_path, doc))

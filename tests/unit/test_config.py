@@ -37,7 +37,11 @@ def test_every_field_has_a_description() -> None:
 
 def test_overrides_parse_yaml_values() -> None:
     tree = parse_overrides(["train.lr=3e-4", "score.rewards=[sharpness, noise]", "data.synthetic_captions=true"])
-    assert tree == {"train": {"lr": 3e-4}, "score": {"rewards": ["sharpness", "noise"]}, "data": {"synthetic_captions": True}}
+    assert tree == {
+        "train": {"lr": 3e-4},
+        "score": {"rewards": ["sharpness", "noise"]},
+        "data": {"synthetic_captions": True},
+    }
     params = load_params(None, ["train.lr=3e-4", "data.num_samples=10"])
     assert params.train.lr == pytest.approx(3e-4)
     assert params.data.num_samples == 10

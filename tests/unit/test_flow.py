@@ -112,8 +112,7 @@ def test_flow_matching_loss_total_and_bins() -> None:
     torch.testing.assert_close(loss, F.mse_loss(pred, target))
     assert per_bin.shape == (10,) and counts.shape == (10,) and counts.dtype == torch.int64
     assert int(counts.sum()) == b
-    torch.testing.assert_close((per_bin.double() * counts).sum() / b, loss.double().detach(),
-                               rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close((per_bin.double() * counts).sum() / b, loss.double().detach(), rtol=1e-6, atol=1e-7)
     # Per-bin means match a direct computation.
     per_sample = ((pred - target) ** 2).mean(dim=(1, 2, 3)).detach()
     idx = t_bin_index(t, 10)
@@ -195,9 +194,7 @@ def test_guided_velocity() -> None:
     torch.testing.assert_close(guided_velocity(v_pos, v_neg, 1.0), 2 * v_pos - v_neg)
     # omega = s - 1 in the "uncond + s (cond - uncond)" convention.
     omega = 7.0
-    torch.testing.assert_close(
-        guided_velocity(v_pos, v_neg, omega), v_neg + (1 + omega) * (v_pos - v_neg)
-    )
+    torch.testing.assert_close(guided_velocity(v_pos, v_neg, omega), v_neg + (1 + omega) * (v_pos - v_neg))
     # Per-sample omega.
     w = torch.tensor([0.0, 1.0, 2.0, 3.0])
     gv = guided_velocity(v_pos, v_neg, w)
@@ -224,10 +221,11 @@ def test_cfg_model_fn_equals_separate_forwards() -> None:
     b = 3
     x = torch.randn(b, 2, 4, 4, generator=g, dtype=torch.float64)
     t = torch.rand(b, generator=g, dtype=torch.float64)
-    cond_pos = {"rewards": torch.ones(b, 4, dtype=torch.float64),
-                "text": torch.randn(b, 5, 6, generator=g, dtype=torch.float64)}
-    cond_neg = {"rewards": torch.zeros(b, 4, dtype=torch.float64),
-                "text": cond_pos["text"].clone()}
+    cond_pos = {
+        "rewards": torch.ones(b, 4, dtype=torch.float64),
+        "text": torch.randn(b, 5, 6, generator=g, dtype=torch.float64),
+    }
+    cond_neg = {"rewards": torch.zeros(b, 4, dtype=torch.float64), "text": cond_pos["text"].clone()}
     cond_neg["rewards"][:, 2] = float("nan")
     snapshot = {k: v.clone() for k, v in (cond_pos | {"x": x, "t": t}).items()}
     model = _CountingModel()

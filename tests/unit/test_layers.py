@@ -29,7 +29,9 @@ def test_layer_contracts_are_kept() -> None:
 
 def test_a_lower_layer_importing_a_stage_breaks_the_contract(tmp_path: Path) -> None:
     shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
-    shutil.copytree(REPO / "src" / "miroflow", tmp_path / "src" / "miroflow", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        REPO / "src" / "miroflow", tmp_path / "src" / "miroflow", ignore=shutil.ignore_patterns("__pycache__")
+    )
     victim = tmp_path / "src" / "miroflow" / "data" / "shards.py"
     victim.write_text(victim.read_text() + "\nfrom miroflow.stages import train as _upward  # noqa: E402,F401\n")
     res = _lint(tmp_path, tmp_path / "src")
@@ -40,7 +42,9 @@ def test_a_lower_layer_importing_a_stage_breaks_the_contract(tmp_path: Path) -> 
 
 def test_src_never_imports_prefect(tmp_path: Path) -> None:
     shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
-    shutil.copytree(REPO / "src" / "miroflow", tmp_path / "src" / "miroflow", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        REPO / "src" / "miroflow", tmp_path / "src" / "miroflow", ignore=shutil.ignore_patterns("__pycache__")
+    )
     victim = tmp_path / "src" / "miroflow" / "util.py"
     victim.write_text(victim.read_text() + "\nimport prefect  # noqa: E402,F401\n")
     res = _lint(tmp_path, tmp_path / "src")

@@ -226,4 +226,6 @@ def test_masked_processor_matches_diffusers_processor_without_padding() -> None:
     inp = dict(_inputs(), text_mask=torch.ones(B, L, dtype=torch.bool))
     with torch.no_grad():
         torch.testing.assert_close(ours(**inp), plain(**inp), atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(ours(**dict(inp, text_mask=None)), plain(**dict(inp, text_mask=None)), atol=0, rtol=0)
+        torch.testing.assert_close(
+            ours(**dict(inp, text_mask=None)), plain(**dict(inp, text_mask=None)), atol=0, rtol=0
+        )

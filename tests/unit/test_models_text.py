@@ -52,8 +52,15 @@ def t5_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     specials = ["<pad>", "<unk>", "</s>"]
     torch.manual_seed(0)
     cfg = T5Config(
-        vocab_size=len(specials) + len(WORDS), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-        pad_token_id=0, eos_token_id=2, decoder_start_token_id=0,
+        vocab_size=len(specials) + len(WORDS),
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        pad_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=0,
     )
     T5EncoderModel(cfg).save_pretrained(str(d))
     _wordlevel_tokenizer(d, specials, "$A </s>", 64)
@@ -68,8 +75,16 @@ def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     specials = ["<pad>", "<unk>", "<s>", "</s>"]
     torch.manual_seed(0)
     cfg = CLIPTextConfig(
-        vocab_size=len(specials) + len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=16, projection_dim=24, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+        vocab_size=len(specials) + len(WORDS),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=16,
+        projection_dim=24,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
     )
     CLIPTextModelWithProjection(cfg).save_pretrained(str(d))
     _wordlevel_tokenizer(d, specials, "<s> $A </s>", 16)

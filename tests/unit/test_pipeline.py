@@ -131,8 +131,14 @@ def test_omega_zero_is_one_conditional_forward_per_step() -> None:
     batches: list[int] = []
     handle = pipe.denoiser.register_forward_hook(lambda m, args, out: batches.append(int(args[0].shape[0])))
     try:
-        got = pipe(CAPTIONS[:2], reward_targets={"contrast": 0.25}, negative_reward_targets={"sharpness": 0.5},
-                   guidance_scale=0.0, num_inference_steps=STEPS, generator=_gen(3)).images
+        got = pipe(
+            CAPTIONS[:2],
+            reward_targets={"contrast": 0.25},
+            negative_reward_targets={"sharpness": 0.5},
+            guidance_scale=0.0,
+            num_inference_steps=STEPS,
+            generator=_gen(3),
+        ).images
     finally:
         handle.remove()
     assert batches == [2] * STEPS  # one forward of B rows per step, no negative branch
@@ -145,9 +151,14 @@ def test_batched_guidance_equals_two_pass_formula() -> None:
     batches: list[int] = []
     handle = pipe.denoiser.register_forward_hook(lambda m, args, out: batches.append(int(args[0].shape[0])))
     try:
-        got = pipe(CAPTIONS[:3], reward_targets={"contrast": 0.75, "shapes_alignment": None},
-                   negative_reward_targets={"sharpness": 0.2}, guidance_scale=2.5,
-                   num_inference_steps=STEPS, generator=_gen(5)).images
+        got = pipe(
+            CAPTIONS[:3],
+            reward_targets={"contrast": 0.75, "shapes_alignment": None},
+            negative_reward_targets={"sharpness": 0.2},
+            guidance_scale=2.5,
+            num_inference_steps=STEPS,
+            generator=_gen(5),
+        ).images
     finally:
         handle.remove()
     assert batches == [6] * STEPS  # both branches in ONE forward of 2B rows
@@ -267,9 +278,19 @@ def _write_checkpoint(d: Path, raw: MiroDenoiser, ema: MiroDenoiser, enc: Learne
     ema.save_pretrained(d / "ema")
     enc.save_pretrained(d / "ema_text_encoder")
     miro = {
-        "format": 1, "step": 40, "run_name": "tiny-run", "text_encoder": "learned", "text_max_length": 12,
-        "latent": "pixel", "vae": None, "latent_stats": None, "resolution": 32, "reward_names": REWARDS,
-        "bins": None, "text_dropout": 0.0, "denoiser": ema.config.model_dump(mode="json"),
+        "format": 1,
+        "step": 40,
+        "run_name": "tiny-run",
+        "text_encoder": "learned",
+        "text_max_length": 12,
+        "latent": "pixel",
+        "vae": None,
+        "latent_stats": None,
+        "resolution": 32,
+        "reward_names": REWARDS,
+        "bins": None,
+        "text_dropout": 0.0,
+        "denoiser": ema.config.model_dump(mode="json"),
     }
     (d / "miro.json").write_text(json.dumps(miro))
 
@@ -316,8 +337,14 @@ def _tiny_vae_dir(tmp_path: Path) -> Path:
 
     torch.manual_seed(0)
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-        norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
         sample_size=32,
     )
     d = tmp_path / "vae_src"

@@ -49,11 +49,21 @@ def test_radar_needs_three_axes() -> None:
 
 def test_tts_curves_from_best_of_n_results(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
-    miro = best_of_n({"aesthetic": 0.6 + 0.3 * rng.random((10, 16)), "hps": rng.random((10, 16))},
-                     select_by="aesthetic", ns=[1, 2, 4, 8, 16], steps=20)
-    base = best_of_n({"aesthetic": 0.3 * rng.random((10, 16)), "hps": rng.random((10, 16))},
-                     select_by="aesthetic", ns=[1, 2, 4, 8, 16], steps=20)
-    fig = plots.tts_curves({"MIRO": miro, "baseline": base}, "aesthetic", hlines={"MIRO, one sample": miro["curves"]["aesthetic"][0]})
+    miro = best_of_n(
+        {"aesthetic": 0.6 + 0.3 * rng.random((10, 16)), "hps": rng.random((10, 16))},
+        select_by="aesthetic",
+        ns=[1, 2, 4, 8, 16],
+        steps=20,
+    )
+    base = best_of_n(
+        {"aesthetic": 0.3 * rng.random((10, 16)), "hps": rng.random((10, 16))},
+        select_by="aesthetic",
+        ns=[1, 2, 4, 8, 16],
+        steps=20,
+    )
+    fig = plots.tts_curves(
+        {"MIRO": miro, "baseline": base}, "aesthetic", hlines={"MIRO, one sample": miro["curves"]["aesthetic"][0]}
+    )
     ax = fig.axes[0]
     assert ax.get_xscale() == "log"
     assert list(ax.lines[0].get_xdata()) == [1, 2, 4, 8, 16]
@@ -68,8 +78,11 @@ def test_tts_curves_from_best_of_n_results(tmp_path: Path) -> None:
 
 def test_tradeoff_curves(tmp_path: Path) -> None:
     xs = [0.0, 0.25, 0.5, 0.75, 1.0]
-    series = {"sharpness": [0.1, 0.3, 0.5, 0.6, 0.8], "contrast": [0.5, 0.5, None, 0.6, 0.6],
-              "overall": [0.7, 0.6, 0.55, 0.5, 0.4]}
+    series = {
+        "sharpness": [0.1, 0.3, 0.5, 0.6, 0.8],
+        "contrast": [0.5, 0.5, None, 0.6, 0.6],
+        "overall": [0.7, 0.6, 0.55, 0.5, 0.4],
+    }
     fig = plots.tradeoff(xs, series, xlabel="target sharpness", title="trade-off")
     ax = fig.axes[0]
     assert len(ax.lines) == 3 and ax.get_xlabel() == "target sharpness"
@@ -86,8 +99,12 @@ def test_image_grid_figure_and_array(tmp_path: Path) -> None:
     mosaic = plots.image_grid(images, as_array=True)
     assert mosaic.shape == (3 * 18 + 2, 4 * 18 + 2, 3) and mosaic.dtype == np.uint8
     np.testing.assert_array_equal(mosaic[2 + 18 : 2 + 18 + 16, 2 + 2 * 18 : 2 + 2 * 18 + 16], images[1, 2])
-    fig = plots.image_grid(images, ["a red circle", "two blue squares", "a green triangle"], ["ω=0", "ω=0.5", "ω=1", "ω=2"],
-                           title="guidance")
+    fig = plots.image_grid(
+        images,
+        ["a red circle", "two blue squares", "a green triangle"],
+        ["ω=0", "ω=0.5", "ω=1", "ω=2"],
+        title="guidance",
+    )
     assert len(fig.axes) == 12 and fig.axes[1].get_title() == "ω=0.5" and fig.axes[4].get_ylabel() == "two blue squares"
     p = plots.save_png(fig, tmp_path / "grid.png")
     size, colours = _png_stats(p)

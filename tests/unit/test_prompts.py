@@ -12,11 +12,20 @@ from miroflow.prompts import PromptItem, PromptSetError, load_prompt_set
 
 GENEVAL_LINES = [
     {"tag": "single_object", "include": [{"class": "circle", "count": 1}], "prompt": "a photo of a circle"},
-    {"tag": "counting", "include": [{"class": "square", "count": 2, "color": "blue"}],
-     "exclude": [{"class": "square", "count": 3, "color": "blue"}], "prompt": "two blue squares"},
-    {"tag": "position", "include": [{"class": "circle", "count": 1, "color": "yellow"},
-                                    {"class": "triangle", "count": 1, "color": "green", "position": ["left of", 0]}],
-     "prompt": "a green triangle left of a yellow circle"},
+    {
+        "tag": "counting",
+        "include": [{"class": "square", "count": 2, "color": "blue"}],
+        "exclude": [{"class": "square", "count": 3, "color": "blue"}],
+        "prompt": "two blue squares",
+    },
+    {
+        "tag": "position",
+        "include": [
+            {"class": "circle", "count": 1, "color": "yellow"},
+            {"class": "triangle", "count": 1, "color": "green", "position": ["left of", 0]},
+        ],
+        "prompt": "a green triangle left of a yellow circle",
+    },
 ]
 
 
@@ -26,7 +35,9 @@ def _write_jsonl(path: Path, records: list[object]) -> Path:
 
 
 def test_unknown_prompt_set_lists_valid_ones() -> None:
-    with pytest.raises(PromptSetError, match=r"unknown prompt set 'drawbench'.*shapes.*geneval:<path-or-uri>.*parti:<path-or-uri>"):
+    with pytest.raises(
+        PromptSetError, match=r"unknown prompt set 'drawbench'.*shapes.*geneval:<path-or-uri>.*parti:<path-or-uri>"
+    ):
         load_prompt_set("drawbench")
     with pytest.raises(PromptSetError, match="needs a path"):
         load_prompt_set("geneval:")
@@ -36,7 +47,9 @@ def test_shapes_set_interleaves_categories_and_prefixes_are_stable() -> None:
     items = load_prompt_set("shapes")
     assert len(items) == 25 * len(CATEGORIES)
     assert [it.tag for it in items[: len(CATEGORIES)]] == list(CATEGORIES)
-    assert all(isinstance(it, PromptItem) and it.metadata["prompt"] == it.prompt and "include" in it.metadata for it in items)
+    assert all(
+        isinstance(it, PromptItem) and it.metadata["prompt"] == it.prompt and "include" in it.metadata for it in items
+    )
     first = load_prompt_set("shapes", n=8)
     assert [it.prompt for it in first] == [it.prompt for it in items[:8]]
     small = load_prompt_set("shapes:2")
@@ -51,7 +64,9 @@ def test_geneval_file_loads_with_metadata(tmp_path: Path) -> None:
     items = load_prompt_set(f"geneval:{path}")
     assert [(it.tag, it.prompt) for it in items] == [(r["tag"], r["prompt"]) for r in GENEVAL_LINES]
     assert items[1].metadata == GENEVAL_LINES[1]
-    assert [it.prompt for it in load_prompt_set(f"geneval:file://{path}", n=2)] == [r["prompt"] for r in GENEVAL_LINES[:2]]
+    assert [it.prompt for it in load_prompt_set(f"geneval:file://{path}", n=2)] == [
+        r["prompt"] for r in GENEVAL_LINES[:2]
+    ]
 
 
 def test_geneval_line_missing_include_names_file_and_line(tmp_path: Path) -> None:
@@ -68,7 +83,10 @@ def test_geneval_line_missing_include_names_file_and_line(tmp_path: Path) -> Non
     [
         ('{"tag": "colors", "include": []}', r"line 1: missing key\(s\) \['prompt'\]"),
         ("not json", "line 1: invalid JSON"),
-        ('{"tag": "colors", "include": [{"count": 1}], "prompt": "a red circle"}', r"line 1: include\[0\] is missing 'class'"),
+        (
+            '{"tag": "colors", "include": [{"count": 1}], "prompt": "a red circle"}',
+            r"line 1: include\[0\] is missing 'class'",
+        ),
         ('{"tag": "colors", "include": {"class": "x"}, "prompt": "a red circle"}', "line 1: 'include' must be a list"),
     ],
 )

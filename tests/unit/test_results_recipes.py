@@ -15,22 +15,49 @@ from miroflow.util import json_safe
 
 def _summary() -> EvalSummary:
     return EvalSummary(
-        accuracy={"counting": 0.5, "colors": 1.0}, overall=0.75, n_judged={"counting": 2, "colors": 2},
+        accuracy={"counting": 0.5, "colors": 1.0},
+        overall=0.75,
+        n_judged={"counting": 2, "colors": 2},
         rewards={"sharpness": RewardStat(mean=0.25, std=0.1, n=4), "noise": RewardStat(mean=None, std=None, n=0)},
-        n_images=4, n_prompts=2, images_per_prompt=2, guidance_scale=0.0, reward_targets={"sharpness": 1.0},
-        negative_reward_targets={"sharpness": 0.0}, guidance_mode="batched", checkpoint="ck/final", prompt_set="shapes:1",
-        steps=2, seed=0, output="out", model={"run_name": "m", "step": 6},
+        n_images=4,
+        n_prompts=2,
+        images_per_prompt=2,
+        guidance_scale=0.0,
+        reward_targets={"sharpness": 1.0},
+        negative_reward_targets={"sharpness": 0.0},
+        guidance_mode="batched",
+        checkpoint="ck/final",
+        prompt_set="shapes:1",
+        steps=2,
+        seed=0,
+        output="out",
+        model={"run_name": "m", "step": 6},
     )
 
 
 def test_results_round_trip_through_json() -> None:
     s = _summary()
     assert EvalSummary.from_json(s.to_json()) == s
-    t = TrainResult(run_name="m", kind="miro", checkpoint="c", loss=0.1, steps=3, wall_time_s=1.5, mlflow_run_id=None,
-                    model_version=None, manifest="manifests/train-m.json")
+    t = TrainResult(
+        run_name="m",
+        kind="miro",
+        checkpoint="c",
+        loss=0.1,
+        steps=3,
+        wall_time_s=1.5,
+        mlflow_run_id=None,
+        model_version=None,
+        manifest="manifests/train-m.json",
+    )
     assert TrainResult.from_json(t.to_json()) == t
-    p = PrepareResult(manifest="m.json", root="r", data_hash="abc", domain="shapes", num_samples=3,
-                      shards=(ShardRef(uri="a.tar", sha256="00", n=3),))
+    p = PrepareResult(
+        manifest="m.json",
+        root="r",
+        data_hash="abc",
+        domain="shapes",
+        num_samples=3,
+        shards=(ShardRef(uri="a.tar", sha256="00", n=3),),
+    )
     back = PrepareResult.from_json(p.to_json())
     assert back == p and isinstance(back.shards[0], ShardRef)
     with pytest.raises(AttributeError):
@@ -38,8 +65,17 @@ def test_results_round_trip_through_json() -> None:
 
 
 def test_from_dict_names_unknown_and_missing_fields() -> None:
-    d = TrainResult(run_name="m", kind="miro", checkpoint="c", loss=None, steps=3, wall_time_s=1.5, mlflow_run_id=None,
-                    model_version=None, manifest=None).to_dict()
+    d = TrainResult(
+        run_name="m",
+        kind="miro",
+        checkpoint="c",
+        loss=None,
+        steps=3,
+        wall_time_s=1.5,
+        mlflow_run_id=None,
+        model_version=None,
+        manifest=None,
+    ).to_dict()
     with pytest.raises(ValueError, match=r"TrainResult: unknown field\(s\) \['stepz'\]"):
         TrainResult.from_dict({**d, "stepz": 1})
     d.pop("checkpoint")
@@ -51,7 +87,7 @@ def test_eval_metrics_is_the_one_conversion() -> None:
     m = _summary().metrics()
     assert m == {"eval/counting": 0.5, "eval/colors": 1.0, "eval/overall": 0.75, "eval/reward/sharpness": 0.25}
     assert eval_metrics({}, None, {"a": None}) == {}
-    assert _summary().metrics(prefix="") ["overall"] == 0.75
+    assert _summary().metrics(prefix="")["overall"] == 0.75
 
 
 def test_json_safe() -> None:

@@ -37,7 +37,14 @@ TINY_MODEL = "miroflow-tiny-test"
 EMBED = 32
 VISION = dict(image_size=64, layers=2, width=64, patch_size=16, head_width=32)
 TEXT = dict(context_length=16, vocab_size=49408, width=64, heads=2, layers=2)
-PROMPTS = ["a red circle", "two blue squares", "a green triangle left of a yellow circle", "three red squares", "a cat", "noise"]
+PROMPTS = [
+    "a red circle",
+    "two blue squares",
+    "a green triangle left of a yellow circle",
+    "three red squares",
+    "a cat",
+    "noise",
+]
 MEAN = torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
 
@@ -128,7 +135,9 @@ def test_aesthetic_matches_hand_computation(tiny_clip: tuple[Any, Any]) -> None:
     assert r.uses_prompt is False
     imgs = _images(3, seed=2)
     raw = r.score(imgs, ["", "", ""])
-    x = (F.interpolate(imgs, size=(64, 64), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1) - MEAN) / STD
+    x = (
+        F.interpolate(imgs, size=(64, 64), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1) - MEAN
+    ) / STD
     with torch.no_grad():
         emb = model.encode_image(x)
         emb = emb / emb.norm(dim=-1, keepdim=True)
@@ -185,12 +194,16 @@ def test_open_clip_loaders_from_files(tiny_clip: tuple[Any, Any], tiny_config_di
     torch.save(model.state_dict(), aes_dir / "open_clip_pytorch_model.bin")
     r = create_reward("laion_aesthetic", weights=str(aes_dir), device="cpu", model_name=tiny_config_dir)
     with torch.no_grad():
-        x = (F.interpolate(imgs, size=(64, 64), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1) - MEAN) / STD
+        x = (
+            F.interpolate(imgs, size=(64, 64), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1) - MEAN
+        ) / STD
         want = head(F.normalize(model.encode_image(x), dim=-1))[:, 0]
     torch.testing.assert_close(r.score(imgs, prompts), want, atol=1e-5, rtol=0)
     # the .pth route (torch.load weights_only) of the released head format
     torch.save(head.state_dict(), tmp_path / "head.pth")
-    torch.testing.assert_close(AestheticHead.from_file(str(tmp_path / "head.pth")).state_dict()["layers.7.weight"], head.layers[7].weight)
+    torch.testing.assert_close(
+        AestheticHead.from_file(str(tmp_path / "head.pth")).state_dict()["layers.7.weight"], head.layers[7].weight
+    )
 
 
 def test_open_clip_loader_rejects_wrong_architecture(tiny_config_dir: str, tmp_path: Path) -> None:
@@ -231,10 +244,25 @@ def tiny_pickscore_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("pickscore")
     tok, vocab = _write_tiny_clip_tokenizer(d)
     cfg = CLIPConfig(
-        text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
-                         max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1),
-        vision_config=dict(image_size=48, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                           num_attention_heads=2),
+        text_config=dict(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        ),
+        vision_config=dict(
+            image_size=48,
+            patch_size=8,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+        ),
         projection_dim=16,
     )
     torch.manual_seed(0)
@@ -243,8 +271,12 @@ def tiny_pickscore_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         model.logit_scale.fill_(float(np.log(70.0)))  # not 100, so the learned scale must be used
     model.save_pretrained(d)
     tok.save_pretrained(d)
-    CLIPImageProcessor(size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48},
-                       image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD)).save_pretrained(d)
+    CLIPImageProcessor(
+        size={"shortest_edge": 48},
+        crop_size={"height": 48, "width": 48},
+        image_mean=list(OPENAI_CLIP_MEAN),
+        image_std=list(OPENAI_CLIP_STD),
+    ).save_pretrained(d)
     return d
 
 
@@ -278,7 +310,9 @@ def test_pickscore_loader_matches_reference_processing(tiny_pickscore_dir: Path)
     small = _images(2, size=32, seed=5)
     pre = r.preprocess(small)
     assert pre.shape == (2, 3, 48, 48)
-    hand = (F.interpolate(small, size=(48, 48), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1) - MEAN) / STD
+    hand = (
+        F.interpolate(small, size=(48, 48), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1) - MEAN
+    ) / STD
     torch.testing.assert_close(pre, hand, atol=1e-5, rtol=0)
 
 

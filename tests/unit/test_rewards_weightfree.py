@@ -246,8 +246,10 @@ def test_with_shapes_renders_and_degradations(rewards: dict[str, object]) -> Non
         "contrast": [0.5, 0.4, 0.3, 0.2],
         "jpeg": [30, 20, 10, 5],
     }
-    deg = {k: [_u8_to_tensor([shapes.apply_degradation(a, k, v, seed=i) for i, a in enumerate(clean_u8)]) for v in vs]
-           for k, vs in levels.items()}
+    deg = {
+        k: [_u8_to_tensor([shapes.apply_degradation(a, k, v, seed=i) for i, a in enumerate(clean_u8)]) for v in vs]
+        for k, vs in levels.items()
+    }
     clean = _u8_to_tensor(clean_u8)
     variants = torch.cat([x for xs in deg.values() for x in xs])
     for name, r in rewards.items():

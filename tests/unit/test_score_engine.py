@@ -23,11 +23,10 @@ from PIL import Image
 
 from miroflow.conditioning import load_bins
 from miroflow.config import Params
+from miroflow.data.score_tables import ScoreError, failures_uri, load_score_table, read_table_meta
 from miroflow.data.shards import decode_image, iter_shard, read_manifest
 from miroflow.prepare import data_hash, run_prepare
-from miroflow.rewards import RewardNotFound, register_reward
-from miroflow.data.score_tables import ScoreError, failures_uri, load_score_table, read_table_meta
-from miroflow.rewards import clear_reward_cache, load_rewards
+from miroflow.rewards import RewardNotFound, clear_reward_cache, load_rewards, register_reward
 from miroflow.score import run_bin, run_score, score_table_uri
 from miroflow.score_engine import score_shard
 from miroflow.storage import Storage
@@ -132,16 +131,28 @@ def _reset_counters() -> None:
         cls.calls = []
 
 
-def make_params(tmp: Path, rewards: list[str], n: int = 24, shard_size: int = 8, synthetic: bool = True,
-                batch_size: int = 5) -> Params:
+def make_params(
+    tmp: Path, rewards: list[str], n: int = 24, shard_size: int = 8, synthetic: bool = True, batch_size: int = 5
+) -> Params:
     """Params for a tiny shapes dataset under ``tmp`` (manifests and store there too)."""
-    return Params.model_validate({
-        "data": {"num_samples": n, "shard_size": shard_size, "synthetic_captions": synthetic,
-                 "manifest": str(tmp / "manifests" / "shards.json")},
-        "score": {"rewards": rewards, "batch_size": batch_size, "device": "cpu",
-                  "manifest": str(tmp / "manifests" / "scores.json"), "bins": str(tmp / "manifests" / "bins.json")},
-        "storage": {"root": str(tmp / "store")},
-    })
+    return Params.model_validate(
+        {
+            "data": {
+                "num_samples": n,
+                "shard_size": shard_size,
+                "synthetic_captions": synthetic,
+                "manifest": str(tmp / "manifests" / "shards.json"),
+            },
+            "score": {
+                "rewards": rewards,
+                "batch_size": batch_size,
+                "device": "cpu",
+                "manifest": str(tmp / "manifests" / "scores.json"),
+                "bins": str(tmp / "manifests" / "bins.json"),
+            },
+            "storage": {"root": str(tmp / "store")},
+        }
+    )
 
 
 def _png(arr: np.ndarray) -> bytes:
@@ -169,14 +180,29 @@ def test_engine_values_columns_metadata_and_decode_once(tmp_path: Path) -> None:
     out = score_table_uri(p, shard["uri"])
     assert out == str(tmp_path / "store" / "scores" / data_hash(p.data) / "train-000000.parquet")
 
-    res = score_shard(shard["uri"], load_rewards(p.score), out, storage, batch_size=5, progress=False,
-                      expected_sha256=shard["sha256"])
-    assert res == {"shard": shard["uri"], "uri": out, "n": 8, "failures": 0, "failures_uri": failures_uri(out),
-                   "sha256": hashlib.sha256(Path(out).read_bytes()).hexdigest(), "skipped": False}
+    res = score_shard(
+        shard["uri"], load_rewards(p.score), out, storage, batch_size=5, progress=False, expected_sha256=shard["sha256"]
+    )
+    assert res == {
+        "shard": shard["uri"],
+        "uri": out,
+        "n": 8,
+        "failures": 0,
+        "failures_uri": failures_uri(out),
+        "sha256": hashlib.sha256(Path(out).read_bytes()).hexdigest(),
+        "skipped": False,
+    }
     df = load_score_table(out, storage)
     assert list(df.columns) == [
-        "key", f"{BRIGHT}.raw", BRIGHT, f"{CAPLEN}.raw", CAPLEN, f"{CAPLEN}@synthetic.raw", f"{CAPLEN}@synthetic",
-        "sharpness.raw", "sharpness",
+        "key",
+        f"{BRIGHT}.raw",
+        BRIGHT,
+        f"{CAPLEN}.raw",
+        CAPLEN,
+        f"{CAPLEN}@synthetic.raw",
+        f"{CAPLEN}@synthetic",
+        "sharpness.raw",
+        "sharpness",
     ]  # no @synthetic columns for image-only rewards
     meta = df.attrs["miroflow"]
     assert meta["rewards"] == {BRIGHT: "bright-v1", CAPLEN: "caplen-v1", "sharpness": "sharpness-v1"}
@@ -216,15 +242,24 @@ def test_bad_samples_go_to_failures_and_never_crash(tmp_path: Path) -> None:
     good = np.full((8, 8, 3), 200, dtype=np.uint8)
     shard = tmp_path / "raw" / "odd-000000.tar"
     shard.parent.mkdir()
-    _write_tar(shard, [
-        ("s-ok.png", _png(good)), ("s-ok.txt", b"a red circle"),
-        ("s-corrupt.png", b"\x89PNG not really"), ("s-corrupt.txt", b"a blue square"),
-        ("s-empty.png", _png(good)), ("s-empty.txt", b"   "),
-        ("s-nocap.png", _png(good)),
-        ("s-syn.png", _png(good)), ("s-syn.txt", b"two circles"),
-        ("s-syn.json", json.dumps({"captions": {"original": "two circles", "synthetic": ""}}).encode()),
-        ("s-pkl.png", _png(good)), ("s-pkl.txt", b"x"), ("s-pkl.pyd", b"\x80\x04."),
-    ])
+    _write_tar(
+        shard,
+        [
+            ("s-ok.png", _png(good)),
+            ("s-ok.txt", b"a red circle"),
+            ("s-corrupt.png", b"\x89PNG not really"),
+            ("s-corrupt.txt", b"a blue square"),
+            ("s-empty.png", _png(good)),
+            ("s-empty.txt", b"   "),
+            ("s-nocap.png", _png(good)),
+            ("s-syn.png", _png(good)),
+            ("s-syn.txt", b"two circles"),
+            ("s-syn.json", json.dumps({"captions": {"original": "two circles", "synthetic": ""}}).encode()),
+            ("s-pkl.png", _png(good)),
+            ("s-pkl.txt", b"x"),
+            ("s-pkl.pyd", b"\x80\x04."),
+        ],
+    )
     p = make_params(tmp_path, [BRIGHT, CAPLEN])
     out = score_table_uri(p, str(shard))
     assert out == str(tmp_path / "store" / "scores" / "raw" / "odd-000000.parquet")
@@ -256,8 +291,9 @@ def test_wrong_shard_bytes_are_an_error(tmp_path: Path) -> None:
     p = make_params(tmp_path, [BRIGHT], n=4, shard_size=4)
     shard = run_prepare(p)["shards"][0]["uri"]
     with pytest.raises(ScoreError, match="does not match the manifest"):
-        score_shard(shard, load_rewards(p.score), score_table_uri(p, shard), Storage(), progress=False,
-                    expected_sha256="0" * 64)
+        score_shard(
+            shard, load_rewards(p.score), score_table_uri(p, shard), Storage(), progress=False, expected_sha256="0" * 64
+        )
 
 
 # ------------------------------------------------------------------------------------------ rewards
@@ -324,7 +360,9 @@ def test_run_bin_pools_synthetic_and_saves_both_copies(tmp_path: Path) -> None:
     assert binset.rewards["sharpness"].n == 40 and binset.rewards[CAPLEN].n == 80  # original + synthetic
     assert binset.rewards[CAPLEN].version == "caplen-v1"
     tables = [load_score_table(t["uri"]) for t in json.loads(Path(p.score.manifest).read_text())["tables"]]
-    pooled = np.concatenate([np.concatenate([t[CAPLEN].to_numpy(), t[f"{CAPLEN}@synthetic"].to_numpy()]) for t in tables])
+    pooled = np.concatenate(
+        [np.concatenate([t[CAPLEN].to_numpy(), t[f"{CAPLEN}@synthetic"].to_numpy()]) for t in tables]
+    )
     np.testing.assert_allclose(binset.rewards[CAPLEN].edges, np.quantile(pooled, np.linspace(0, 1, 9)))
     assert load_bins(p.score.bins).to_json() == binset.to_json()
     copy = Path(p.storage.root) / "bins" / f"bins-{binset.hash}.json"

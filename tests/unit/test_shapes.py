@@ -111,14 +111,20 @@ def test_caption_templates() -> None:
         "a circle": {"category": "single_object", "objects": [red_circle], "relation": None},
         "a red circle": {"category": "colors", "objects": [red_circle], "relation": None},
         "a circle and a square": {"category": "two_object", "objects": [red_circle, blue_square], "relation": None},
-        "a red circle and a blue square": {"category": "color_attr", "objects": [red_circle, blue_square], "relation": None},
+        "a red circle and a blue square": {
+            "category": "color_attr",
+            "objects": [red_circle, blue_square],
+            "relation": None,
+        },
         "a red circle left of a blue square": {
-            "category": "position", "objects": [red_circle, blue_square],
+            "category": "position",
+            "objects": [red_circle, blue_square],
             "relation": {"subject": 0, "relation": "left of", "object": 1},
         },
         "three green triangles": {
             "category": "counting",
-            "objects": [_obj("triangle", "green", x, 0.5, 0.2) for x in (0.2, 0.5, 0.8)], "relation": None,
+            "objects": [_obj("triangle", "green", x, 0.5, 0.2) for x in (0.2, 0.5, 0.8)],
+            "relation": None,
         },
     }
     for caption, scene in cases.items():
@@ -146,7 +152,11 @@ def test_noisy_captions_are_vaguer_or_wrong_and_seeded() -> None:
 
 @pytest.mark.parametrize("resolution", [32, 64])
 def test_render_colours_and_background(resolution: int) -> None:
-    scene = {"category": "color_attr", "objects": [_obj("circle", "red", 0.25, 0.5), _obj("triangle", "blue", 0.7, 0.5)], "relation": None}
+    scene = {
+        "category": "color_attr",
+        "objects": [_obj("circle", "red", 0.25, 0.5), _obj("triangle", "blue", 0.7, 0.5)],
+        "relation": None,
+    }
     img = shapes.render(scene, resolution)
     assert img.shape == (resolution, resolution, 3) and img.dtype == np.uint8
     assert tuple(img[0, 0]) == shapes.BACKGROUND and tuple(img[-1, -1]) == shapes.BACKGROUND
@@ -283,7 +293,10 @@ def test_eval_prompts() -> None:
     for r in recs:
         json.dumps(r)
         assert r["prompt"] == shapes.caption_for(r["scene"]) and r["scene"]["category"] == r["tag"]
-        assert all(set(req) <= {"class", "count", "color", "position"} and req["class"] in shapes.SHAPES for req in r["include"])
+        assert all(
+            set(req) <= {"class", "count", "color", "position"} and req["class"] in shapes.SHAPES
+            for req in r["include"]
+        )
     counting = next(r for r in recs if r["tag"] == "counting")
     n = len(counting["scene"]["objects"])
     assert counting["include"][0]["count"] == n and counting["exclude"][0]["count"] == n + 1

@@ -11,8 +11,8 @@ import torch
 
 from miroflow.config import DataConfig
 from miroflow.data import shapes
-from miroflow.rewards import shapes_judge as sj
 from miroflow.rewards import Reward, create_reward
+from miroflow.rewards import shapes_judge as sj
 
 N_PER_CATEGORY = 100
 
@@ -41,7 +41,9 @@ def _cases(resolution: int) -> tuple[tuple[str, np.ndarray, str, str], ...]:
     return tuple(out)
 
 
-def _accuracy(resolution: int, swap: bool = False, degradation: tuple[str, float] | None = None) -> dict[str, tuple[float, float]]:
+def _accuracy(
+    resolution: int, swap: bool = False, degradation: tuple[str, float] | None = None
+) -> dict[str, tuple[float, float]]:
     """Per category (GenEval accuracy, mean score) over N_PER_CATEGORY seeded scenes."""
     results: dict[str, list[tuple[bool, float]]] = {c: [] for c in shapes.CATEGORIES}
     for i, (cat, img, caption, other) in enumerate(_cases(resolution)):
@@ -62,15 +64,44 @@ def _accuracy(resolution: int, swap: bool = False, degradation: tuple[str, float
         ("a circle", "single_object", ["at least 1 circle"]),
         ("a yellow square", "colors", ["at least 1 square", "at least 1 yellow square"]),
         ("a circle and a square", "two_object", ["at least 1 circle", "at least 1 square"]),
-        ("a red circle and a green triangle", "color_attr",
-         ["at least 1 circle", "at least 1 red circle", "at least 1 triangle", "at least 1 green triangle"]),
-        ("three green triangles", "counting", ["at least 1 triangle", "at least 1 green triangle", "exactly 3 green triangles"]),
+        (
+            "a red circle and a green triangle",
+            "color_attr",
+            ["at least 1 circle", "at least 1 red circle", "at least 1 triangle", "at least 1 green triangle"],
+        ),
+        (
+            "three green triangles",
+            "counting",
+            ["at least 1 triangle", "at least 1 green triangle", "exactly 3 green triangles"],
+        ),
         ("two squares", "counting", ["at least 1 square", "exactly 2 squares"]),
-        ("a red circle left of a blue square", "position",
-         ["at least 1 circle", "at least 1 red circle", "at least 1 square", "at least 1 blue square", "red circle left of blue square"]),
-        ("A photo of a Red circle to the right of a blue square.", "position",
-         ["at least 1 circle", "at least 1 red circle", "at least 1 square", "at least 1 blue square", "red circle right of blue square"]),
-        ("a triangle below a circle", "position", ["at least 1 triangle", "at least 1 circle", "triangle below circle"]),
+        (
+            "a red circle left of a blue square",
+            "position",
+            [
+                "at least 1 circle",
+                "at least 1 red circle",
+                "at least 1 square",
+                "at least 1 blue square",
+                "red circle left of blue square",
+            ],
+        ),
+        (
+            "A photo of a Red circle to the right of a blue square.",
+            "position",
+            [
+                "at least 1 circle",
+                "at least 1 red circle",
+                "at least 1 square",
+                "at least 1 blue square",
+                "red circle right of blue square",
+            ],
+        ),
+        (
+            "a triangle below a circle",
+            "position",
+            ["at least 1 triangle", "at least 1 circle", "triangle below circle"],
+        ),
         ("a circle and a circle", "two_object", ["at least 2 circles", "at least 2 circles"]),
     ],
 )
@@ -91,7 +122,9 @@ def test_every_template_and_noisy_caption_parses_or_is_generic() -> None:
         assert len(noisy.facts) <= len(parsed.facts) + 1  # vaguer, or one fact changed
 
 
-@pytest.mark.parametrize("caption", ["some shapes", "", "a photo of", "colourful shapes on a grey background", "a purple hexagon"])
+@pytest.mark.parametrize(
+    "caption", ["some shapes", "", "a photo of", "colourful shapes on a grey background", "a purple hexagon"]
+)
 def test_unparseable_captions_have_no_facts(caption: str) -> None:
     parsed = sj.parse_caption(caption)
     assert not parsed.parsed and parsed.category is None
@@ -103,7 +136,10 @@ def test_partial_parse_keeps_what_parses() -> None:
     parsed = sj.parse_caption("a red circle and some shapes")
     assert parsed.category == "colors" and parsed.unparsed == ("some shapes",)
     relation_lost = sj.parse_caption("a red circle left of something")
-    assert relation_lost.relation is None and [f.text for f in relation_lost.facts] == ["at least 1 circle", "at least 1 red circle"]
+    assert relation_lost.relation is None and [f.text for f in relation_lost.facts] == [
+        "at least 1 circle",
+        "at least 1 red circle",
+    ]
     with pytest.raises(TypeError, match="caption must be a str"):
         sj.parse_caption(None)  # type: ignore[arg-type]
 
@@ -125,7 +161,10 @@ def test_swapped_captions_fail() -> None:
     assert np.mean([a for a, _ in acc.values()]) <= 0.2
 
 
-@pytest.mark.parametrize(("kind", "strength", "min_acc"), [("blur", 1.0, 0.95), ("noise", 0.05, 0.95), ("noise", 0.1, 0.95), ("contrast", 0.2, 0.95)])
+@pytest.mark.parametrize(
+    ("kind", "strength", "min_acc"),
+    [("blur", 1.0, 0.95), ("noise", 0.05, 0.95), ("noise", 0.1, 0.95), ("contrast", 0.2, 0.95)],
+)
 def test_mild_degradations_keep_the_judge_reasonable(kind: str, strength: float, min_acc: float) -> None:
     acc = _accuracy(32, degradation=(kind, strength))
     for cat, (a, s) in acc.items():
@@ -149,7 +188,11 @@ def test_dataset_alignment_separates_swapped_samples() -> None:
 def test_scores_are_fractions_of_facts() -> None:
     blue_circle = _image(_obj("circle", "blue", 0.5, 0.5))
     res = sj.judge(blue_circle, "a red circle")
-    assert res.score == 0.5 and not res.correct and res.facts == [("at least 1 circle", True), ("at least 1 red circle", False)]
+    assert (
+        res.score == 0.5
+        and not res.correct
+        and res.facts == [("at least 1 circle", True), ("at least 1 red circle", False)]
+    )
     assert sj.judge(blue_circle, "a square").score == 0.0
     assert sj.judge(blue_circle, "a blue circle").correct
 
@@ -169,7 +212,12 @@ def test_scores_are_fractions_of_facts() -> None:
 
 
 def test_detections() -> None:
-    img = _image(_obj("circle", "red", 0.25, 0.3), _obj("square", "yellow", 0.75, 0.3), _obj("triangle", "blue", 0.5, 0.75), resolution=64)
+    img = _image(
+        _obj("circle", "red", 0.25, 0.3),
+        _obj("square", "yellow", 0.75, 0.3),
+        _obj("triangle", "blue", 0.5, 0.75),
+        resolution=64,
+    )
     dets = sj.detect_objects(img)
     assert sorted((d.shape, d.color) for d in dets) == [("circle", "red"), ("square", "yellow"), ("triangle", "blue")]
     circle = next(d for d in dets if d.shape == "circle")

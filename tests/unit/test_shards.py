@@ -109,7 +109,9 @@ def test_encoded_jpeg_kept_verbatim(tmp_path: Path, storage: Storage) -> None:
 def test_write_rejects_bad_input(tmp_path: Path, storage: Storage) -> None:
     good = make_samples(1)[0]
     with pytest.raises(ShardError, match="invalid sample key '../x'"):
-        write_shards([Sample(key="../x", image=good.image, caption="c")], str(tmp_path), "t", 2, storage, progress=False)
+        write_shards(
+            [Sample(key="../x", image=good.image, caption="c")], str(tmp_path), "t", 2, storage, progress=False
+        )
     with pytest.raises(ShardError, match="duplicate sample key"):
         write_shards([good, good], str(tmp_path), "t", 5, storage, progress=False)
     with pytest.raises(ShardError, match="uint8"):
@@ -291,9 +293,15 @@ def test_lean_reader_matches_tarfile(fmt: int) -> None:
     from miroflow.data.shards import _iter_tar
 
     long_dir = "d" * 120  # ustar: split into prefix/name; GNU: ././@LongLink; pax: path record
-    members = [("k0.png", b"\x89PNG" * 100, tarfile.REGTYPE), ("k0.txt", b"", tarfile.REGTYPE),
-               (f"{long_dir}/k1.txt", b"x" * 513, tarfile.REGTYPE), ("k2.json", b"{}", tarfile.REGTYPE),
-               ("sub", b"", tarfile.DIRTYPE), ("k3.txt", b"", tarfile.SYMTYPE), ("k4.txt", b"after", tarfile.REGTYPE)]
+    members = [
+        ("k0.png", b"\x89PNG" * 100, tarfile.REGTYPE),
+        ("k0.txt", b"", tarfile.REGTYPE),
+        (f"{long_dir}/k1.txt", b"x" * 513, tarfile.REGTYPE),
+        ("k2.json", b"{}", tarfile.REGTYPE),
+        ("sub", b"", tarfile.DIRTYPE),
+        ("k3.txt", b"", tarfile.SYMTYPE),
+        ("k4.txt", b"after", tarfile.REGTYPE),
+    ]
     if fmt == tarfile.PAX_FORMAT:
         members.append(("kä.txt", b"non-ascii name", tarfile.REGTYPE))
     raw = _tar_bytes(fmt, members)

@@ -11,9 +11,9 @@ import torch
 
 from miroflow.conditioning import load_bins
 from miroflow.config import Params, apply_overrides
-from miroflow.data.train_data import GlobalBatchOrder, load_train_data, rank_slice, step_seed
 from miroflow.data.score_tables import load_score_table
 from miroflow.data.sidecars import read_sidecar, read_sidecar_header
+from miroflow.data.train_data import GlobalBatchOrder, load_train_data, rank_slice, step_seed
 from miroflow.embed import embeds_manifest_path, run_embed
 from miroflow.models import create_text_encoder
 from miroflow.prepare import run_prepare
@@ -23,11 +23,20 @@ from miroflow.storage import Storage
 
 def tiny_params(root: Path, *extra: str) -> Params:
     """Params for a 256-sample shapes dataset in two shards under ``root``."""
-    return apply_overrides(Params(), [
-        f"storage.root={root}/store", "data.num_samples=256", "data.shard_size=128", "data.synthetic_captions=true",
-        f"data.manifest={root}/manifests/shards.json", f"score.manifest={root}/manifests/scores.json",
-        f"score.bins={root}/manifests/bins.json", "score.num_bins=16", *extra,
-    ])
+    return apply_overrides(
+        Params(),
+        [
+            f"storage.root={root}/store",
+            "data.num_samples=256",
+            "data.shard_size=128",
+            "data.synthetic_captions=true",
+            f"data.manifest={root}/manifests/shards.json",
+            f"score.manifest={root}/manifests/scores.json",
+            f"score.bins={root}/manifests/bins.json",
+            "score.num_bins=16",
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +84,9 @@ def test_rewards_follow_the_caption_used(scored: Params) -> None:
     idx = torch.tensor([i, i])
     b = data.batch(idx, torch.tensor([False, True]))
     assert b.captions[0] == data.captions[i] and b.captions[1] == data.syn_captions[i]  # type: ignore[index]
-    assert b.rewards[1, 1].item() == pytest.approx(syn_align) and b.rewards[0, 1].item() == pytest.approx(data.rewards[i, 1].item())
+    assert b.rewards[1, 1].item() == pytest.approx(syn_align) and b.rewards[0, 1].item() == pytest.approx(
+        data.rewards[i, 1].item()
+    )
     # Synthetic captions are accurate, originals are partly swapped: alignment is higher on synthetic ones.
     assert torch.nanmean(data.syn_rewards[:, 1]) > torch.nanmean(data.rewards[:, 1])
 
@@ -110,32 +121,56 @@ def test_embed_sidecars_match_in_memory_and_are_idempotent(scored: Params) -> No
     assert read_sidecar_header(uri, storage)["encoder"] == "minilm"  # type: ignore[index]
 
     enc = create_text_encoder("minilm")
-    from_side = load_train_data(scored.data.manifest, storage, [], text_spec="minilm", embeds_manifest=embeds_manifest_path(scored))
+    from_side = load_train_data(
+        scored.data.manifest, storage, [], text_spec="minilm", embeds_manifest=embeds_manifest_path(scored)
+    )
     in_mem = load_train_data(scored.data.manifest, storage, [], text_encoder=enc)
     assert from_side.text is not None and in_mem.text is not None and from_side.syn_text is not None
     assert torch.equal(from_side.text.mask, in_mem.text.mask)
     assert torch.allclose(from_side.text.tokens.float(), in_mem.text.tokens.float(), atol=2e-3)
     assert torch.allclose(from_side.text.pooled, in_mem.text.pooled, atol=1e-5)
     # A sidecar for another encoder spec is not used.
-    assert load_train_data(scored.data.manifest, storage, [], text_spec="learned", embeds_manifest=embeds_manifest_path(scored)).text is None
+    assert (
+        load_train_data(
+            scored.data.manifest, storage, [], text_spec="learned", embeds_manifest=embeds_manifest_path(scored)
+        ).text
+        is None
+    )
 
 
 def test_vae_latent_sidecars_and_stats(scored: Params, tmp_path: Path) -> None:
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16),
-                        layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+    )
     vae.save_pretrained(tmp_path / "vae")
-    params = apply_overrides(scored, ["train.latent=vae", f"train.vae={tmp_path / 'vae'}", f"data.manifest={scored.data.manifest}"])
+    params = apply_overrides(
+        scored, ["train.latent=vae", f"train.vae={tmp_path / 'vae'}", f"data.manifest={scored.data.manifest}"]
+    )
     storage = Storage()
     manifest = run_embed(params)
     assert manifest["vae"] == str(tmp_path / "vae") and manifest["latent_stats_uri"]
     tensors, meta = read_sidecar(manifest["sidecars"][0]["uri"], storage)
     assert tensors["latents"].dtype == torch.float16 and tensors["latents"].shape == (128, 4, 16, 16)
     stats = json.loads(storage.read_bytes(manifest["latent_stats_uri"]))
-    data = load_train_data(params.data.manifest, storage, [], text_spec="minilm", embeds_manifest=embeds_manifest_path(params), latent="vae")
+    data = load_train_data(
+        params.data.manifest,
+        storage,
+        [],
+        text_spec="minilm",
+        embeds_manifest=embeds_manifest_path(params),
+        latent="vae",
+    )
     assert data.images is None and data.latents is not None and data.latents.shape == (256, 4, 16, 16)
     z = data.latents.double()
     np.testing.assert_allclose(stats["mean"], z.mean(dim=(0, 2, 3)).numpy(), atol=2e-3)

@@ -15,8 +15,8 @@ from miroflow.evaluate import generate, sample_seed
 from miroflow.pipeline import MiroPipeline
 from miroflow.prompts import load_prompt_set
 from miroflow.rewards.base import RewardNotFound
-from tests.tiny_models import tiny_random_pipeline
 from miroflow.tts import best_of_n, compute_cost, generate_candidates, judge_arrays, run_tts
+from tests.tiny_models import tiny_random_pipeline
 
 REWARDS = ["sharpness", "contrast", "shapes_alignment"]
 DIM = 32
@@ -32,13 +32,20 @@ def pipe() -> MiroPipeline:
 def _params(root: Path, **sweep: object) -> Params:
     sw = {"best_of_n": [1, 2, 4, 8], "select_by": "compressibility"}
     sw.update(sweep)
-    return Params.model_validate({
-        "eval": {"prompt_set": "shapes:1", "steps": STEPS, "batch_size": 16, "seed": 5,
-                 "rewards": ["compressibility", "sharpness", "contrast", "shapes_alignment"]},
-        "sweep": sw,
-        "storage": {"root": str(root)},
-        "tracking": {"enabled": False},
-    })
+    return Params.model_validate(
+        {
+            "eval": {
+                "prompt_set": "shapes:1",
+                "steps": STEPS,
+                "batch_size": 16,
+                "seed": 5,
+                "rewards": ["compressibility", "sharpness", "contrast", "shapes_alignment"],
+            },
+            "sweep": sw,
+            "storage": {"root": str(root)},
+            "tracking": {"enabled": False},
+        }
+    )
 
 
 # --------------------------------------------------------------------------- pure selection
@@ -54,7 +61,9 @@ def test_cross_metric_reporting_matches_a_hand_selection() -> None:
     assert res["curves"]["b"] == pytest.approx([3.0, 3.5, 5.0])
     # prompt 1 is never judged: accuracy is over prompt 0 only; overall over its category only
     assert res["curves"]["accuracy"] == pytest.approx([1.0, 0.0, 0.0])
-    assert res["points"][0]["accuracy_by_tag"] == {"x": 1.0} and res["curves"]["overall"] == pytest.approx([1.0, 0.0, 0.0])
+    assert res["points"][0]["accuracy_by_tag"] == {"x": 1.0} and res["curves"]["overall"] == pytest.approx(
+        [1.0, 0.0, 0.0]
+    )
     assert res["points"][2]["rewards"]["b"] == {"mean": 5.0, "std": 3.0, "n": 2}
     assert "images" not in res
     json.dumps(res)  # JSON-safe
@@ -80,10 +89,15 @@ def test_images_of_the_selected_candidates_are_returned() -> None:
 
 
 def test_compute_accounting() -> None:
-    assert compute_cost(4, 50, 0.0, 5) == {"denoiser_evals_per_image": 200, "selection_reward_calls_per_image": 4,
-                                           "reward_calls_per_image": 20}
+    assert compute_cost(4, 50, 0.0, 5) == {
+        "denoiser_evals_per_image": 200,
+        "selection_reward_calls_per_image": 4,
+        "reward_calls_per_image": 20,
+    }
     assert compute_cost(4, 50, 1.5, 5)["denoiser_evals_per_image"] == 400  # guidance: two branches per step
-    res = best_of_n({"a": np.zeros((2, 8)), "b": np.ones((2, 8))}, select_by="a", ns=[1, 2, 8], steps=10, guidance_scale=0.5)
+    res = best_of_n(
+        {"a": np.zeros((2, 8)), "b": np.ones((2, 8))}, select_by="a", ns=[1, 2, 8], steps=10, guidance_scale=0.5
+    )
     assert res["compute"]["denoiser_evals_per_image"] == [20, 40, 160]
     assert res["compute"]["selection_reward_calls_per_image"] == [1, 2, 8]
     assert res["compute"]["reward_calls_per_image"] == [2, 4, 16]
@@ -124,16 +138,25 @@ def test_judge_arrays() -> None:
 # --------------------------------------------------------------------------- with a tiny random pipeline
 def test_selected_reward_never_decreases_with_n_on_fixed_seeds(pipe: MiroPipeline) -> None:
     items = load_prompt_set("shapes:1")
-    cands = generate_candidates(pipe, items, 8, ["compressibility", "sharpness", "shapes_alignment"],
-                                seed=5, steps=STEPS, guidance_scale=0.0, batch_size=16)
+    cands = generate_candidates(
+        pipe,
+        items,
+        8,
+        ["compressibility", "sharpness", "shapes_alignment"],
+        seed=5,
+        steps=STEPS,
+        guidance_scale=0.0,
+        batch_size=16,
+    )
     assert cands.images.shape == (6, 8, 32, 32, 3) and cands.seeds[2, 3] == sample_seed(5, 2, 3)
     # candidate j of prompt i is the image generate() makes for its seed alone (up to float rounding)
     again = generate(pipe, [items[2].prompt], [sample_seed(5, 2, 3)], num_inference_steps=STEPS)
     assert np.abs(again[0].astype(int) - cands.images[2, 3].astype(int)).max() <= 1  # batched float rounding
     ns = [1, 2, 3, 4, 6, 8]
     for select_by in ("compressibility", "shapes_alignment"):
-        res = best_of_n(cands.images, cands.scores, select_by, ns, judge=cands.judge, tags=[it.tag for it in items],
-                        steps=STEPS)
+        res = best_of_n(
+            cands.images, cands.scores, select_by, ns, judge=cands.judge, tags=[it.tag for it in items], steps=STEPS
+        )
         curve = np.array(res["curves"][select_by], dtype=float)
         assert np.all(np.diff(curve) >= -1e-12), (select_by, curve)
         assert curve[-1] > curve[0], (select_by, curve)  # the candidates differ, so selection must help
@@ -158,7 +181,9 @@ def test_run_tts_writes_json_and_csv(pipe: MiroPipeline, tmp_path: Path) -> None
     rows = list(csv.DictReader(io.StringIO((out / "tts.csv").read_text())))
     assert [int(r["n"]) for r in rows] == [1, 2, 4, 8]
     assert [float(r["compressibility"]) for r in rows] == pytest.approx(saved["curves"]["compressibility"], rel=1e-5)
-    assert {"sharpness", "contrast", "shapes_alignment", "accuracy", "overall", "denoiser_evals_per_image"} <= set(rows[0])
+    assert {"sharpness", "contrast", "shapes_alignment", "accuracy", "overall", "denoiser_evals_per_image"} <= set(
+        rows[0]
+    )
     cands = [json.loads(x) for x in (out / "candidates.jsonl").read_text().splitlines()]
     assert len(cands) == 6 * 8 and cands[9]["seed"] == sample_seed(5, 1, 1)
     # N=1 picks candidate 0 of each prompt: its mean equals the mean of those candidates

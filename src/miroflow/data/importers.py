@@ -65,9 +65,7 @@ def _caption(rec: dict[str, Any]) -> str | None:
     return None
 
 
-def iter_import_samples(
-    tars: list[str], split: str, storage: Storage, report: ImportReport
-) -> Iterator[Sample]:
+def iter_import_samples(tars: list[str], split: str, storage: Storage, report: ImportReport) -> Iterator[Sample]:
     """Yield checked ``Sample``s (original image bytes, new keys ``{split}-{n:08d}``) from ``tars``.
 
     Rejections are appended to ``report.rejected``; ``report.num_ok`` counts yielded samples.
@@ -143,6 +141,10 @@ def import_tars(
     )
     log.info(
         "imported %d samples from %d tars into %d shards under %s; %d rejected",
-        report.num_ok, len(tars), len(report.entries), out_prefix, len(report.rejected),
+        report.num_ok,
+        len(tars),
+        len(report.entries),
+        out_prefix,
+        len(report.rejected),
     )
     return report

@@ -138,12 +138,19 @@ def write_score_manifest(path: str | Path, rewards: dict[str, str], entries: lis
     "failures", "failures_uri"}], "num_rows": int}`` (tables sorted by shard URI).
     """
     tables = sorted(
-        ({"shard": e["shard"], "uri": e["uri"], "n": int(e["n"]), "failures": int(e["failures"]),
-          "failures_uri": e.get("failures_uri") or failures_uri(e["uri"])} for e in entries),
+        (
+            {
+                "shard": e["shard"],
+                "uri": e["uri"],
+                "n": int(e["n"]),
+                "failures": int(e["failures"]),
+                "failures_uri": e.get("failures_uri") or failures_uri(e["uri"]),
+            }
+            for e in entries
+        ),
         key=lambda t: t["shard"],
     )
-    manifest = {"version": 1, "rewards": dict(rewards), "tables": tables,
-                "num_rows": int(sum(t["n"] for t in tables))}
+    manifest = {"version": 1, "rewards": dict(rewards), "tables": tables, "num_rows": int(sum(t["n"] for t in tables))}
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n"

@@ -340,7 +340,9 @@ def noisy_caption(scene: dict[str, Any], rng: np.random.Generator) -> str:
         first = _np(o["shape"], bad)
         return first if cat == "colors" else f"{first} and {_np(objs[1]['shape'], objs[1]['color'])}"
     bad_shape = _choice(rng, tuple(s for s in SHAPES if s not in {x["shape"] for x in objs}))
-    return _np(bad_shape, None) if cat == "single_object" else f"{_np(bad_shape, None)} and {_np(objs[1]['shape'], None)}"
+    return (
+        _np(bad_shape, None) if cat == "single_object" else f"{_np(bad_shape, None)} and {_np(objs[1]['shape'], None)}"
+    )
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -524,7 +526,9 @@ def _include(scene: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str
         return [{"class": o["shape"], "count": 1, "color": o["color"]} for o in objs], []
     if cat == "counting":
         o, n = objs[0], len(objs)
-        return [{"class": o["shape"], "count": n, "color": o["color"]}], [{"class": o["shape"], "count": n + 1, "color": o["color"]}]
+        return [{"class": o["shape"], "count": n, "color": o["color"]}], [
+            {"class": o["shape"], "count": n + 1, "color": o["color"]}
+        ]
     rel = scene["relation"]
     a, b = objs[rel["subject"]], objs[rel["object"]]
     return [

@@ -146,8 +146,11 @@ def _sample_members(sample: Sample, image_format: str) -> list[tuple[str, bytes]
         meta_bytes = json.dumps(meta, sort_keys=True, ensure_ascii=False, default=_json_default).encode("utf-8")
     except (TypeError, ValueError) as e:
         raise ShardError(f"sample {key!r}: meta is not JSON-serialisable: {e}") from e
-    members = {"img": (f"{key}.{ext}", img_bytes), "json": (f"{key}.json", meta_bytes),
-               "txt": (f"{key}.txt", sample.caption.encode("utf-8"))}
+    members = {
+        "img": (f"{key}.{ext}", img_bytes),
+        "json": (f"{key}.json", meta_bytes),
+        "txt": (f"{key}.txt", sample.caption.encode("utf-8")),
+    }
     return [members[k] for k in sorted(members, key=_EXT_ORDER.__getitem__)]
 
 
@@ -477,7 +480,7 @@ def _pax_records(data: bytes, shard: str) -> dict[str, str]:
     """``"<len> key=value\n"`` records of a pax extended header."""
     out: dict[str, str] = {}
     pos = 0
-    while pos < len(data) and data[pos:pos + 1] not in (b"", b"\x00"):
+    while pos < len(data) and data[pos : pos + 1] not in (b"", b"\x00"):
         sp = data.find(b" ", pos)
         try:
             length = int(data[pos:sp])

@@ -280,7 +280,8 @@ def load_train_data(
     shards = read_manifest(shard_manifest)["shards"]
     scores = (
         _load_scores(score_manifest, reward_names, binset, storage)  # type: ignore[arg-type]
-        if reward_names else {}
+        if reward_names
+        else {}
     )
     keys: list[str] = []
     images: list[np.ndarray] = []
@@ -326,7 +327,8 @@ def load_train_data(
         rewards=torch.from_numpy(np.stack(rows).astype(np.float32)).reshape(len(keys), len(reward_names)),
         syn_rewards=(
             torch.from_numpy(np.stack(syn_rows).astype(np.float32)).reshape(len(keys), len(reward_names))
-            if has_syn else None
+            if has_syn
+            else None
         ),
     )
     side = None

@@ -52,12 +52,22 @@ WEIGHTS_NAME = "model.safetensors"
 #: Architecture presets. ``in_channels``/``sample_size`` are defaults a caller may override.
 MODEL_SIZES: dict[str, dict[str, int]] = {
     # CPU tests / demo: 32 px RGB pixel space, 8x8 = 64 image tokens, width 64.
-    "tiny": dict(in_channels=3, sample_size=32, patch_size=4, num_layers=3, attention_head_dim=32, num_attention_heads=2),
+    "tiny": dict(
+        in_channels=3, sample_size=32, patch_size=4, num_layers=3, attention_head_dim=32, num_attention_heads=2
+    ),
     # CPU studies: width 128.
-    "small": dict(in_channels=3, sample_size=32, patch_size=4, num_layers=4, attention_head_dim=32, num_attention_heads=4),
+    "small": dict(
+        in_channels=3, sample_size=32, patch_size=4, num_layers=4, attention_head_dim=32, num_attention_heads=4
+    ),
     # Paper scale: SDXL-VAE latents 4x32x32 (256 px), patch 2 -> 256 tokens, width 1024, 10 layers.
     "paper": dict(
-        in_channels=4, sample_size=32, patch_size=2, num_layers=10, attention_head_dim=64, num_attention_heads=16, reward_hidden_dim=256
+        in_channels=4,
+        sample_size=32,
+        patch_size=2,
+        num_layers=10,
+        attention_head_dim=64,
+        num_attention_heads=16,
+        reward_hidden_dim=256,
     ),
 }
 
@@ -80,9 +90,13 @@ class DenoiserConfig(BaseModel):
     num_attention_heads: int = Field(2, ge=1, description="Heads; width = heads * head_dim.")
     text_dim: int = Field(384, ge=1, description="Width of text tokens (joint_attention_dim).")
     pooled_dim: int = Field(384, ge=1, description="Width of the pooled text vector (pooled_projection_dim).")
-    reward_names: list[str] = Field(default_factory=list, description="Conditioning rewards in column order; [] = baseline.")
+    reward_names: list[str] = Field(
+        default_factory=list, description="Conditioning rewards in column order; [] = baseline."
+    )
     num_frequencies: int = Field(16, ge=1, description="Fourier frequencies per reward value.")
-    reward_hidden_dim: int | None = Field(None, ge=1, description="Hidden width of each reward MLP; null = transformer width.")
+    reward_hidden_dim: int | None = Field(
+        None, ge=1, description="Hidden width of each reward MLP; null = transformer width."
+    )
     mask_text: bool = Field(True, description="Mask padded text tokens out of joint attention.")
 
     @model_validator(mode="after")
@@ -122,7 +136,11 @@ class MaskedJointAttnProcessor:
         def heads(x: Tensor) -> Tensor:
             return x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
 
-        query, key, value = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
+        query, key, value = (
+            heads(attn.to_q(hidden_states)),
+            heads(attn.to_k(hidden_states)),
+            heads(attn.to_v(hidden_states)),
+        )
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
@@ -140,7 +158,9 @@ class MaskedJointAttnProcessor:
             value = torch.cat([value, cv], dim=2)
         if attention_mask is not None and attention_mask.shape[-1] != key.shape[2]:
             attention_mask = None  # e.g. a self-attention-only call without the text stream
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+        )
         out = out.transpose(1, 2).reshape(b, -1, attn.heads * query.shape[-1]).to(query.dtype)
         if encoder_hidden_states is not None:
             out, ctx = out[:, : residual.shape[1]], out[:, residual.shape[1] :]
@@ -181,7 +201,10 @@ class MiroDenoiser(nn.Module):
         # Created after the backbone so a baseline and a MIRO model with the same seed share
         # identical backbone weights.
         self.reward_embedder = RewardEmbedder(
-            c.reward_names, dim=c.pooled_dim, num_frequencies=c.num_frequencies, hidden_dim=c.reward_hidden_dim or c.width
+            c.reward_names,
+            dim=c.pooled_dim,
+            num_frequencies=c.num_frequencies,
+            hidden_dim=c.reward_hidden_dim or c.width,
         )
 
     # ------------------------------------------------------------------ init
@@ -245,7 +268,9 @@ class MiroDenoiser(nn.Module):
         if text_tokens.dim() != 3 or text_tokens.shape[0] != b or text_tokens.shape[2] != c.text_dim:
             raise ValueError(f"text_tokens must have shape [{b}, L, {c.text_dim}], got {tuple(text_tokens.shape)}")
         if text_mask is not None and tuple(text_mask.shape) != tuple(text_tokens.shape[:2]):
-            raise ValueError(f"text_mask must have shape {tuple(text_tokens.shape[:2])} (like text_tokens[:, :, 0]), got {tuple(text_mask.shape)}")
+            raise ValueError(
+                f"text_mask must have shape {tuple(text_tokens.shape[:2])} (like text_tokens[:, :, 0]), got {tuple(text_mask.shape)}"
+            )
         if pooled.dim() != 2 or pooled.shape != (b, c.pooled_dim):
             raise ValueError(f"pooled must have shape [{b}, {c.pooled_dim}], got {tuple(pooled.shape)}")
         if rewards is not None and (rewards.dim() != 2 or rewards.shape != (b, self.num_rewards)):
@@ -354,7 +379,9 @@ def create_denoiser(
     if sample_size is not None:
         fields["sample_size"] = sample_size
     fields.update(overrides)
-    config = DenoiserConfig(size=size, text_dim=text_dim, pooled_dim=pooled_dim, reward_names=list(reward_names or []), **fields)
+    config = DenoiserConfig(
+        size=size, text_dim=text_dim, pooled_dim=pooled_dim, reward_names=list(reward_names or []), **fields
+    )
     return MiroDenoiser(config)
 
 

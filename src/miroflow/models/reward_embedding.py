@@ -67,7 +67,9 @@ class RewardEmbedder(nn.Module):
         r = len(self.reward_names)
         feat = 2 * num_frequencies + 1
         # Fixed angular frequencies 2π·f, f log-spaced in [1, max_frequency]; [F].
-        freqs = 2.0 * math.pi * torch.logspace(0.0, math.log10(self.max_frequency), num_frequencies, dtype=torch.float64)
+        freqs = (
+            2.0 * math.pi * torch.logspace(0.0, math.log10(self.max_frequency), num_frequencies, dtype=torch.float64)
+        )
         self.register_buffer("freqs", freqs.to(torch.float32), persistent=False)
         if r == 0:
             return

@@ -343,7 +343,13 @@ class LearnedTokenEncoder(nn.Module):
         self.embed = nn.Embedding(len(self.vocab), dim, padding_idx=0)
         self.pos = nn.Parameter(torch.zeros(max_length, dim))
         layer = nn.TransformerEncoderLayer(
-            d_model=dim, nhead=num_heads, dim_feedforward=4 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+            d_model=dim,
+            nhead=num_heads,
+            dim_feedforward=4 * dim,
+            dropout=0.0,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
         )
         self.encoder = nn.TransformerEncoder(layer, num_layers=num_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
@@ -366,7 +372,13 @@ class LearnedTokenEncoder(nn.Module):
 
     def get_config(self) -> dict[str, Any]:
         """JSON-serialisable constructor arguments (including the vocabulary)."""
-        return dict(vocab=self.vocab, dim=self.dim, num_layers=self.num_layers, num_heads=self.num_heads, max_length=self.max_length)
+        return dict(
+            vocab=self.vocab,
+            dim=self.dim,
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            max_length=self.max_length,
+        )
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``text_encoder.json`` + ``text_encoder.safetensors`` into ``directory``."""
@@ -375,7 +387,10 @@ class LearnedTokenEncoder(nn.Module):
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         (d / "text_encoder.json").write_text(json.dumps(self.get_config()) + "\n")
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(d / "text_encoder.safetensors"))
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
+            str(d / "text_encoder.safetensors"),
+        )
         return d
 
     @classmethod

@@ -193,7 +193,12 @@ class VAECodec:
             raise FileNotFoundError(f"VAE latent stats file not found: {p}")
         data = json.loads(p.read_text())
         mean, std = data.get("mean"), data.get("std")
-        if not isinstance(mean, list) or not isinstance(std, list) or len(mean) != self.channels or len(std) != self.channels:
+        if (
+            not isinstance(mean, list)
+            or not isinstance(std, list)
+            or len(mean) != self.channels
+            or len(std) != self.channels
+        ):
             raise ValueError(f"{p}: 'mean' and 'std' must be lists of {self.channels} floats")
         if min(std) <= 0:
             raise ValueError(f"{p}: 'std' must be positive")

@@ -6,6 +6,13 @@ Importing this package registers the built-in rewards; the heavy optional depend
 rewards are imported only inside their factories.
 """
 
+from miroflow.rewards import clip_models as _clip_models  # noqa: E402,F401  (registers rewards)
+from miroflow.rewards import image_reward as _image_reward  # noqa: E402,F401  (registers rewards)
+from miroflow.rewards import pickscore as _pickscore  # noqa: E402,F401  (registers rewards)
+from miroflow.rewards import shapes_judge as _shapes_judge  # noqa: E402,F401  (registers rewards)
+
+# Built-in rewards register themselves on import, in this order (weight_free_rewards() keeps it).
+from miroflow.rewards import weightfree as _weightfree  # noqa: E402,F401  (registers rewards)
 from miroflow.rewards.base import Reward, RewardBuildError, RewardNotFound
 from miroflow.rewards.registry import (
     LazyReward,
@@ -21,13 +28,6 @@ from miroflow.rewards.registry import (
     reward_versions,
     weight_free_rewards,
 )
-
-# Built-in rewards register themselves on import, in this order (weight_free_rewards() keeps it).
-from miroflow.rewards import weightfree as _weightfree  # noqa: E402,F401  (registers rewards)
-from miroflow.rewards import shapes_judge as _shapes_judge  # noqa: E402,F401  (registers rewards)
-from miroflow.rewards import clip_models as _clip_models  # noqa: E402,F401  (registers rewards)
-from miroflow.rewards import pickscore as _pickscore  # noqa: E402,F401  (registers rewards)
-from miroflow.rewards import image_reward as _image_reward  # noqa: E402,F401  (registers rewards)
 
 __all__ = [
     "Reward",

@@ -276,7 +276,6 @@ class LaionAestheticReward:
         return (raw.to(torch.float32) / 10.0).clamp(0.0, 1.0)
 
 
-
 # ----------------------------------------------------------------------------------------- factories
 @register_reward("clip_score", needs_weights=True, uses_prompt=True)
 def make_clip_score(
@@ -339,7 +338,6 @@ def _first_existing(directory: Path, names: list[str]) -> str | None:
     return None
 
 
-
 @register_reward("hpsv2", needs_weights=True, uses_prompt=True)
 def make_hpsv2(
     weights: str | None = None,
@@ -360,4 +358,3 @@ def make_hpsv2(
     model, tok = load_open_clip("hpsv2", path, model_name, dev, "xswu/HPSv2")
     tag = f"hpsv2-{version}:{model_name}:{Path(path).name}"
     return HPSv2Reward(OpenClipTowers(model, tok, device=dev), version=tag)
-

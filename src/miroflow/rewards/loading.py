@@ -186,10 +186,8 @@ def checkpoint_id(spec: str) -> str:
     return spec
 
 
-
 def check_batch(images: torch.Tensor, prompts: list[str]) -> None:
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected images of shape [B, 3, H, W], got {tuple(images.shape)}")
     if len(prompts) != images.shape[0]:
         raise ValueError(f"got {images.shape[0]} images but {len(prompts)} prompts")
-

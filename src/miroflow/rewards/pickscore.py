@@ -131,7 +131,6 @@ def _features(out: Any) -> torch.Tensor:
     raise TypeError(f"unexpected feature output {type(out).__name__}")
 
 
-
 @register_reward("pickscore", needs_weights=True, uses_prompt=True)
 def make_pickscore(
     weights: str | None = None, device: str | torch.device | None = "auto", processor: str | None = None
@@ -149,4 +148,3 @@ def make_pickscore(
                 "to a save_pretrained directory or a hub id)"
             )
     return PickScoreReward.from_pretrained(weights, processor_path=processor, device=device)
-

@@ -156,8 +156,10 @@ def _build(spec: RewardSpec, kwargs: dict[str, Any]) -> Reward:
             f"reward {spec.name!r} is registered with version {spec.version!r} but built {reward.version!r}"
         )
     if spec.uses_prompt is not None and bool(reward.uses_prompt) != spec.uses_prompt:
-        raise ValueError(f"reward {spec.name!r} is registered with uses_prompt={spec.uses_prompt} but built "
-                         f"uses_prompt={reward.uses_prompt}")
+        raise ValueError(
+            f"reward {spec.name!r} is registered with uses_prompt={spec.uses_prompt} but built "
+            f"uses_prompt={reward.uses_prompt}"
+        )
     return reward
 
 

@@ -165,7 +165,7 @@ def parse_caption(caption: str) -> ParsedCaption:
     text = " ".join(text.split())
     for prefix in _PREFIXES:
         if text.startswith(prefix):
-            text = text[len(prefix):]
+            text = text[len(prefix) :]
             break
     relation: str | None = None
     m = _REL_RE.search(f" {text} ")
@@ -246,8 +246,14 @@ class Detection:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-serialisable form."""
-        return {"shape": self.shape, "color": self.color, "bbox": list(self.bbox), "center": list(self.center),
-                "area_px": self.area_px, "fill": self.fill}
+        return {
+            "shape": self.shape,
+            "color": self.color,
+            "bbox": list(self.bbox),
+            "center": list(self.center),
+            "area_px": self.area_px,
+            "fill": self.fill,
+        }
 
 
 def _as_float_image(image: np.ndarray) -> np.ndarray:

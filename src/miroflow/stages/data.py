@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from miroflow.config import Params, ScoreConfig, StorageConfig
+from miroflow.data.score_tables import write_score_manifest
 from miroflow.embed import embeds_manifest_path, run_embed
 from miroflow.prepare import run_prepare
 from miroflow.results import BinResult, EmbedResult, PrepareResult, ScoreResult, ShardRef, ShardScore
-from miroflow.data.score_tables import write_score_manifest
 from miroflow.rewards import load_rewards
 from miroflow.score import run_bin, run_score
 from miroflow.score_engine import score_shard
@@ -20,10 +20,15 @@ __all__ = ["prepare", "score", "score_one_shard", "write_scores", "bin_scores", 
 def prepare(params: Params, storage: Storage | None = None) -> PrepareResult:
     """Render (shapes) or import (cc12m-style tars) the dataset into shards; writes ``data.manifest``."""
     m = run_prepare(params, storage)
-    return PrepareResult(manifest=str(params.data.manifest), root=str(m["root"]), data_hash=str(m["data_hash"]),
-                         domain=str(m["domain"]), num_samples=int(m["num_samples"]),
-                         shards=tuple(ShardRef(uri=s["uri"], sha256=s["sha256"], n=int(s["n"])) for s in m["shards"]),
-                         rejected=tuple(m.get("rejected", ())))
+    return PrepareResult(
+        manifest=str(params.data.manifest),
+        root=str(m["root"]),
+        data_hash=str(m["data_hash"]),
+        domain=str(m["domain"]),
+        num_samples=int(m["num_samples"]),
+        shards=tuple(ShardRef(uri=s["uri"], sha256=s["sha256"], n=int(s["n"])) for s in m["shards"]),
+        rejected=tuple(m.get("rejected", ())),
+    )
 
 
 def score(params: Params, storage: Storage | None = None, shard_uris: Sequence[str] | None = None) -> ScoreResult:
@@ -38,17 +43,29 @@ def score_result(params: Params, manifest: Mapping[str, object]) -> ScoreResult:
     assert isinstance(tables, list)
     rewards = manifest["rewards"]
     assert isinstance(rewards, dict)
-    return ScoreResult(manifest=str(params.score.manifest), rewards={str(k): str(v) for k, v in rewards.items()},
-                       num_tables=len(tables), num_rows=int(str(manifest["num_rows"])),
-                       failures=sum(int(t.get("failures", 0)) for t in tables))
+    return ScoreResult(
+        manifest=str(params.score.manifest),
+        rewards={str(k): str(v) for k, v in rewards.items()},
+        num_tables=len(tables),
+        num_rows=int(str(manifest["num_rows"])),
+        failures=sum(int(t.get("failures", 0)) for t in tables),
+    )
 
 
-def score_one_shard(shard_uri: str, out_uri: str, expected_sha256: str | None, score_cfg: ScoreConfig,
-                    storage_cfg: StorageConfig) -> ShardScore:
+def score_one_shard(
+    shard_uri: str, out_uri: str, expected_sha256: str | None, score_cfg: ScoreConfig, storage_cfg: StorageConfig
+) -> ShardScore:
     """Score one shard into its table (skipped when already up to date for these reward versions);
     the unit of work of the score flow's parallel tasks. Writes no manifest (see :func:`write_scores`)."""
-    r = score_shard(shard_uri, load_rewards(score_cfg), out_uri, from_config(storage_cfg),
-                    batch_size=score_cfg.batch_size, progress=False, expected_sha256=expected_sha256)
+    r = score_shard(
+        shard_uri,
+        load_rewards(score_cfg),
+        out_uri,
+        from_config(storage_cfg),
+        batch_size=score_cfg.batch_size,
+        progress=False,
+        expected_sha256=expected_sha256,
+    )
     return ShardScore.from_dict(r)
 
 
@@ -62,11 +79,18 @@ def write_scores(params: Params, shards: Sequence[ShardScore]) -> ScoreResult:
 def bin_scores(params: Params, storage: Storage | None = None) -> BinResult:
     """Fit ``score.num_bins`` quantile bins per reward; writes ``score.bins`` (+ a copy in storage)."""
     b = run_bin(params, storage)
-    return BinResult(path=str(params.score.bins), hash=b.hash, names=tuple(b.names), num_bins=int(b.num_bins),
-                     counts={n: int(rb.n) for n, rb in b.rewards.items()})
+    return BinResult(
+        path=str(params.score.bins),
+        hash=b.hash,
+        names=tuple(b.names),
+        num_bins=int(b.num_bins),
+        counts={n: int(rb.n) for n, rb in b.rewards.items()},
+    )
 
 
 def embed(params: Params, storage: Storage | None = None) -> EmbedResult:
     """Text-embedding (and VAE-latent) sidecars per shard; writes ``embeds.json`` next to ``data.manifest``."""
     m = run_embed(params, storage)
-    return EmbedResult(manifest=str(embeds_manifest_path(params)), sidecars=len(m["sidecars"]), encoder=str(m["encoder"]))
+    return EmbedResult(
+        manifest=str(embeds_manifest_path(params)), sidecars=len(m["sidecars"]), encoder=str(m["encoder"])
+    )

@@ -17,9 +17,14 @@ from miroflow.tts import run_tts
 __all__ = ["evaluate", "tts", "sweep"]
 
 
-def evaluate(params: Params, out_uri: str | None = None, manifest: str | Path | None = DEFAULT,
-             pipeline: MiroPipeline | None = None, storage: Storage | None = None,
-             tracker: Tracker | None = None) -> EvalSummary:
+def evaluate(
+    params: Params,
+    out_uri: str | None = None,
+    manifest: str | Path | None = DEFAULT,
+    pipeline: MiroPipeline | None = None,
+    storage: Storage | None = None,
+    tracker: Tracker | None = None,
+) -> EvalSummary:
     """Evaluate a checkpoint (``miroflow evaluate``): GenEval layout, judge, rewards, ``summary.json``.
 
     Args:
@@ -42,9 +47,14 @@ def evaluate(params: Params, out_uri: str | None = None, manifest: str | Path | 
     return result
 
 
-def tts(params: Params, out_uri: str | None = None, manifest: str | Path | None = DEFAULT,
-        pipeline: MiroPipeline | None = None, storage: Storage | None = None,
-        tracker: Tracker | None = None) -> BestOfNResult:
+def tts(
+    params: Params,
+    out_uri: str | None = None,
+    manifest: str | Path | None = DEFAULT,
+    pipeline: MiroPipeline | None = None,
+    storage: Storage | None = None,
+    tracker: Tracker | None = None,
+) -> BestOfNResult:
     """Best-of-N test-time scaling (``miroflow tts``): ``max(sweep.best_of_n)`` candidates per prompt,
     selected by ``sweep.select_by``; tracked as ``tts-<run name>``; manifest ``<manifests>/tts-<run name>.json``.
     ``tracker`` logs into that run instead of opening ``tts-<run name>`` (e.g. a study's child run)."""
@@ -56,13 +66,20 @@ def tts(params: Params, out_uri: str | None = None, manifest: str | Path | None 
         with tracked_run(params, f"tts-{params.train.run_name}", {"stage": "tts"}) as t:
             res = run_tts(params, pipeline=pipeline, storage=storage, tracker=t, out_uri=out_uri)
             run_id = t.run_id
-    result = BestOfNResult.from_dict({**res, "mlflow_run_id": run_id, "manifest": str(path) if path is not None else None})
+    result = BestOfNResult.from_dict(
+        {**res, "mlflow_run_id": run_id, "manifest": str(path) if path is not None else None}
+    )
     write_result(result, path)
     return result
 
 
-def sweep(params: Params, manifest: str | Path | None = DEFAULT, pipeline: MiroPipeline | None = None,
-          storage: Storage | None = None, out_uri: str | None = None) -> SweepResult:
+def sweep(
+    params: Params,
+    manifest: str | Path | None = DEFAULT,
+    pipeline: MiroPipeline | None = None,
+    storage: Storage | None = None,
+    out_uri: str | None = None,
+) -> SweepResult:
     """ω, reward-target and best-of-N grids of one model (``miroflow sweep``): one parent MLflow run
     ``sweep-<model>``, one child per point, plots on the parent; manifest ``<manifests>/sweep-<run name>.json``."""
     path = run_manifest_path(params, "sweep") if manifest == DEFAULT else manifest

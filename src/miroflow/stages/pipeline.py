@@ -12,7 +12,16 @@ from typing import Any
 
 from miroflow.config import Params
 from miroflow.recipes import derive, miro_of, pipeline_runs, sized
-from miroflow.results import BinResult, EmbedResult, EvalSummary, PrepareResult, Result, ScoreResult, SweepResult, TrainResult
+from miroflow.results import (
+    BinResult,
+    EmbedResult,
+    EvalSummary,
+    PrepareResult,
+    Result,
+    ScoreResult,
+    SweepResult,
+    TrainResult,
+)
 from miroflow.stages.data import bin_scores, embed, prepare, score
 from miroflow.stages.evaluate import evaluate, sweep
 from miroflow.stages.train import train
@@ -34,8 +43,12 @@ class DataResult(Result):
 
     @classmethod
     def _convert(cls, d: dict[str, Any]) -> dict[str, Any]:
-        return {"prepare": PrepareResult.from_dict(d["prepare"]), "score": ScoreResult.from_dict(d["score"]),
-                "bins": BinResult.from_dict(d["bins"]), "embed": EmbedResult.from_dict(d["embed"])}
+        return {
+            "prepare": PrepareResult.from_dict(d["prepare"]),
+            "score": ScoreResult.from_dict(d["score"]),
+            "bins": BinResult.from_dict(d["bins"]),
+            "embed": EmbedResult.from_dict(d["embed"]),
+        }
 
 
 @dataclass(frozen=True)
@@ -49,8 +62,12 @@ class DemoResult(Result):
 
     @classmethod
     def _convert(cls, d: dict[str, Any]) -> dict[str, Any]:
-        return {"data": DataResult.from_dict(d["data"]), "runs": tuple(TrainResult.from_dict(r) for r in d["runs"]),
-                "evals": tuple(EvalSummary.from_dict(e) for e in d["evals"]), "sweep": SweepResult.from_dict(d["sweep"])}
+        return {
+            "data": DataResult.from_dict(d["data"]),
+            "runs": tuple(TrainResult.from_dict(r) for r in d["runs"]),
+            "evals": tuple(EvalSummary.from_dict(e) for e in d["evals"]),
+            "sweep": SweepResult.from_dict(d["sweep"]),
+        }
 
 
 def _quiet(_: str) -> None:
@@ -79,8 +96,10 @@ def demo(params: Params, steps: int = 600, echo: Echo = _quiet) -> DemoResult:
     runs, evals = [], []
     for p in (base, miro):
         out = train(p, resume=True)
-        echo(f"[train] {p.train.run_name}: {out.steps} steps, loss {out.loss:.4f} -> {out.checkpoint} "
-             f"(MLflow run {out.mlflow_run_id})")
+        echo(
+            f"[train] {p.train.run_name}: {out.steps} steps, loss {out.loss:.4f} -> {out.checkpoint} "
+            f"(MLflow run {out.mlflow_run_id})"
+        )
         summary = evaluate(p)
         overall = f"{summary.overall:.3f}" if summary.overall is not None else "n/a"
         echo(f"[evaluate] {p.train.run_name}: judge accuracy {overall} -> {summary.output}")
@@ -90,8 +109,12 @@ def demo(params: Params, steps: int = 600, echo: Echo = _quiet) -> DemoResult:
     b_means, m_means = evals[0].reward_means(), evals[1].reward_means()
     for r, m in m_means.items():
         echo(f"    {r:18s} {_fmt(b_means.get(r))}  {_fmt(m)}")
-    sp = derive(params, train={"run_name": "demo-miro"}, eval={"num_prompts": 12, "images_per_prompt": 2, "steps": 20},
-                sweep={"guidance_scales": [0, 0.5], "target_values": [0, 0.5, 1], "best_of_n": [1, 2, 4]})
+    sp = derive(
+        params,
+        train={"run_name": "demo-miro"},
+        eval={"num_prompts": 12, "images_per_prompt": 2, "steps": 20},
+        sweep={"guidance_scales": [0, 0.5], "target_values": [0, 0.5, 1], "best_of_n": [1, 2, 4]},
+    )
     sw = sweep(sp)
     echo(f"[sweep] demo-miro: {len(sw.points)} points (ω, {sp.sweep.target_reward} target, best-of-N) -> {sw.output}")
     return DemoResult(data=data, runs=tuple(runs), evals=tuple(evals), sweep=sw)

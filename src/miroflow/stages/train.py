@@ -20,9 +20,14 @@ def model_kind(params: Params) -> str:
     return "baseline" if params.train.rewards == [] else "miro"
 
 
-def train(params: Params, resume: bool = False, max_steps: int | None = None,
-          manifest: str | Path | None = DEFAULT, tracker: Tracker | None = None,
-          storage: Storage | None = None) -> TrainResult:
+def train(
+    params: Params,
+    resume: bool = False,
+    max_steps: int | None = None,
+    manifest: str | Path | None = DEFAULT,
+    tracker: Tracker | None = None,
+    storage: Storage | None = None,
+) -> TrainResult:
     """Train (or resume) ``train.run_name`` (``miroflow train``), tracked in MLflow when ``tracking.enabled``.
 
     The final model is registered as ``tracking.register_model`` when set and training reached
@@ -33,15 +38,25 @@ def train(params: Params, resume: bool = False, max_steps: int | None = None,
     path = run_manifest_path(params, "train") if manifest == DEFAULT else manifest
     kind = model_kind(params)
     run: AbstractContextManager[Tracker] = (
-        nullcontext(tracker) if tracker is not None
-        else tracked_run(params, params.train.run_name, {"stage": "train", "model_kind": kind}))
+        nullcontext(tracker)
+        if tracker is not None
+        else tracked_run(params, params.train.run_name, {"stage": "train", "model_kind": kind})
+    )
     with run as tracker:
         out = run_train(params, storage=storage, tracker=tracker, resume=resume, max_steps=max_steps)
         version = None
         if params.tracking.register_model and out.steps == params.train.steps:
             version = tracker.register_model(out.checkpoint, params.tracking.register_model)
-        result = TrainResult(run_name=params.train.run_name, kind=kind, checkpoint=out.checkpoint, loss=out.loss,
-                             steps=out.steps, wall_time_s=out.wall_time_s, mlflow_run_id=tracker.run_id,
-                             model_version=version, manifest=str(path) if path is not None else None)
+        result = TrainResult(
+            run_name=params.train.run_name,
+            kind=kind,
+            checkpoint=out.checkpoint,
+            loss=out.loss,
+            steps=out.steps,
+            wall_time_s=out.wall_time_s,
+            mlflow_run_id=tracker.run_id,
+            model_version=version,
+            manifest=str(path) if path is not None else None,
+        )
     write_result(result, path)
     return result

@@ -21,8 +21,16 @@ from miroflow.config import Params, ParamsError, apply_overrides, format_validat
 from miroflow.recipes import baseline_of, derive, miro_of, specialist_of, synthetic_of
 from miroflow.storage import join_uri, parse_uri
 
-__all__ = ["RunSpec", "SizeSpec", "StudyConfig", "PlannedRun", "StudyPlan", "load_study_config", "validate_study",
-           "JUDGE_SELECT_BY"]
+__all__ = [
+    "RunSpec",
+    "SizeSpec",
+    "StudyConfig",
+    "PlannedRun",
+    "StudyPlan",
+    "load_study_config",
+    "validate_study",
+    "JUDGE_SELECT_BY",
+]
 
 #: The reward that best-of-N selects by for the judge-accuracy row (the shapes judge's own score).
 JUDGE_SELECT_BY = "shapes_alignment"
@@ -37,9 +45,11 @@ class RunSpec(_Model):
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Run label; checkpoints under runs/<name>-s<seed>.")
     role: Literal["baseline", "miro", "specialist", "synthetic"] = Field(
-        description="What the run stands for in the claims.")
-    rewards: list[str] | None = Field(default=None,
-                                      description="train.rewards: [] = baseline, null = every scored reward.")
+        description="What the run stands for in the claims."
+    )
+    rewards: list[str] | None = Field(
+        default=None, description="train.rewards: [] = baseline, null = every scored reward."
+    )
     synthetic_caption_prob: float = Field(default=0.0, ge=0, le=1, description="train.synthetic_caption_prob.")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="train.seed values.")
 
@@ -48,8 +58,9 @@ class SizeSpec(_Model):
     """Everything that differs between ``default`` and ``quick``."""
 
     overrides: list[str] = Field(default_factory=list, description="KEY=VALUE overrides of params for the study.")
-    eval_every: int = Field(default=300, ge=1,
-                            description="Checkpoint/evaluation interval in steps (convergence curves).")
+    eval_every: int = Field(
+        default=300, ge=1, description="Checkpoint/evaluation interval in steps (convergence curves)."
+    )
     curve_prompts_per_category: int = Field(default=8, ge=1)
     curve_images_per_prompt: int = Field(default=2, ge=1)
     final_prompts_per_category: int = Field(default=16, ge=1)
@@ -58,9 +69,14 @@ class SizeSpec(_Model):
     tts_prompts_per_category: int = Field(default=4, ge=1)
     sweep_prompts_per_category: int = Field(default=8, ge=1)
     sweep_images_per_prompt: int = Field(default=2, ge=1)
-    budget_min: float | None = Field(default=None, gt=0, description=(
-        "Wall-time budget (minutes) of one run from scratch on a 2-core CI-class machine; the report says whether "
-        "the first from-scratch invocation met it."))
+    budget_min: float | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "Wall-time budget (minutes) of one run from scratch on a 2-core CI-class machine; the report says whether "
+            "the first from-scratch invocation met it."
+        ),
+    )
 
 
 def _default_runs() -> list[RunSpec]:
@@ -86,8 +102,9 @@ class StudyConfig(_Model):
     guidance_scales: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 1.0], min_length=1)
     best_of_n: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16], min_length=1)
     sizes: dict[str, SizeSpec] = Field(default_factory=lambda: {"default": SizeSpec(), "quick": SizeSpec()})
-    notes: dict[str, list[str]] = Field(default_factory=dict,
-                                        description="Analysis paragraphs per size, copied into results.md.")
+    notes: dict[str, list[str]] = Field(
+        default_factory=dict, description="Analysis paragraphs per size, copied into results.md."
+    )
 
 
 def load_study_config(path: str | Path | None = "study.yaml") -> StudyConfig:
@@ -172,11 +189,14 @@ def _study_params(params: Params, cfg: StudyConfig, size: str, sz: SizeSpec) -> 
     uri = parse_uri(root)
     local = uri.path if uri.kind == "file" else None
     manifests = (local if local is not None else Path("work/study") / size) / "manifests"
-    p = derive(p, storage={"root": root},
-               data={"manifest": str(manifests / "shards.json")},
-               score={"manifest": str(manifests / "scores.json"), "bins": str(manifests / "bins.json")},
-               train={"checkpoint_every": sz.eval_every, "eval_every": sz.eval_every, "keep_last": 100000},
-               tracking={"experiment": cfg.experiment, "register_model": None})
+    p = derive(
+        p,
+        storage={"root": root},
+        data={"manifest": str(manifests / "shards.json")},
+        score={"manifest": str(manifests / "scores.json"), "bins": str(manifests / "bins.json")},
+        train={"checkpoint_every": sz.eval_every, "eval_every": sz.eval_every, "keep_last": 100000},
+        tracking={"experiment": cfg.experiment, "register_model": None},
+    )
     return p, p.train.steps, root, manifests
 
 
@@ -195,27 +215,47 @@ def _run_params(base: Params, spec: RunSpec, seed: int, name: str) -> Params:
     return derive(p, train={"seed": seed, "synthetic_caption_prob": spec.synthetic_caption_prob})
 
 
-def _eval_params(base: Params, cfg: StudyConfig, sz: SizeSpec, prompts_per_category: int, images: int,
-                 guidance: float | None = None, targets: Mapping[str, float] | None = None) -> Params:
+def _eval_params(
+    base: Params,
+    cfg: StudyConfig,
+    sz: SizeSpec,
+    prompts_per_category: int,
+    images: int,
+    guidance: float | None = None,
+    targets: Mapping[str, float] | None = None,
+) -> Params:
     """Every evaluation of the study: the shapes set, ``eval_steps`` steps, ``eval_seed``, all rewards."""
-    return derive(base, eval={
-        "prompt_set": f"shapes:{prompts_per_category}", "num_prompts": None, "images_per_prompt": images,
-        "steps": sz.eval_steps, "guidance_scale": cfg.guidance_scale if guidance is None else guidance,
-        "reward_targets": dict(targets or {}), "negative_reward_targets": {}, "rewards": list(base.score.rewards),
-        "seed": cfg.eval_seed})
+    return derive(
+        base,
+        eval={
+            "prompt_set": f"shapes:{prompts_per_category}",
+            "num_prompts": None,
+            "images_per_prompt": images,
+            "steps": sz.eval_steps,
+            "guidance_scale": cfg.guidance_scale if guidance is None else guidance,
+            "reward_targets": dict(targets or {}),
+            "negative_reward_targets": {},
+            "rewards": list(base.score.rewards),
+            "seed": cfg.eval_seed,
+        },
+    )
 
 
 def _check_runs(cfg: StudyConfig, rewards: Sequence[str]) -> list[str]:
     """Problems of ``study.runs`` that need no derived params: roles, names, seeds, reward names."""
     problems: list[str] = []
     roles = {r.role for r in cfg.runs}
-    problems += [f"study.runs: no run with role {role} (the claims compare MIRO with its baseline)"
-                 for role in ("baseline", "miro") if role not in roles]
+    problems += [
+        f"study.runs: no run with role {role} (the claims compare MIRO with its baseline)"
+        for role in ("baseline", "miro")
+        if role not in roles
+    ]
     seen: dict[str, int] = {}
     for i, spec in enumerate(cfg.runs):
         if spec.name in seen:
-            problems.append(f"study.runs.{i}.name: duplicate run name {spec.name!r} "
-                            f"(also study.runs.{seen[spec.name]})")
+            problems.append(
+                f"study.runs.{i}.name: duplicate run name {spec.name!r} (also study.runs.{seen[spec.name]})"
+            )
         seen.setdefault(spec.name, i)
         dup = sorted({s for s in spec.seeds if spec.seeds.count(s) > 1})
         if dup:
@@ -237,8 +277,10 @@ def _check_grids(cfg: StudyConfig, rewards: Sequence[str]) -> list[str]:
         problems.append(f"study.target_reward: {cfg.target_reward!r} is not in score.rewards ({', '.join(rewards)})")
     miro = next((r for r in cfg.runs if r.role == "miro"), None)
     if miro is not None and miro.rewards is not None and cfg.target_reward not in miro.rewards:
-        problems.append(f"study.target_reward: {cfg.target_reward!r} is not a reward of the MIRO run {miro.name!r} "
-                        "that the target sweep evaluates")
+        problems.append(
+            f"study.target_reward: {cfg.target_reward!r} is not a reward of the MIRO run {miro.name!r} "
+            "that the target sweep evaluates"
+        )
     bad = [v for v in cfg.target_values if not 0.0 <= v <= 1.0]
     if bad:
         problems.append(f"study.target_values: targets must lie in [0, 1], got {bad}")
@@ -249,8 +291,10 @@ def _check_grids(cfg: StudyConfig, rewards: Sequence[str]) -> list[str]:
     if bad_n:
         problems.append(f"study.best_of_n: N must be >= 1, got {bad_n}")
     if JUDGE_SELECT_BY not in rewards:
-        problems.append(f"study: score.rewards must include {JUDGE_SELECT_BY} (best-of-N's judge-accuracy row "
-                        f"selects by it); score.rewards is [{', '.join(rewards)}]")
+        problems.append(
+            f"study: score.rewards must include {JUDGE_SELECT_BY} (best-of-N's judge-accuracy row "
+            f"selects by it); score.rewards is [{', '.join(rewards)}]"
+        )
     return problems
 
 
@@ -268,8 +312,9 @@ def validate_study(cfg: StudyConfig, params: Params, size: str) -> StudyPlan:
         ParamsError: one ``study.<key>: problem`` line per problem.
     """
     if size not in cfg.sizes:
-        raise ParamsError("study", [f"study.sizes: study size {size!r} is not in study.yaml sizes: "
-                                    f"{', '.join(cfg.sizes)}"])
+        raise ParamsError(
+            "study", [f"study.sizes: study size {size!r} is not in study.yaml sizes: {', '.join(cfg.sizes)}"]
+        )
     sz = cfg.sizes[size]
     base, steps, root, manifests = _study_params(params, cfg, size, sz)
     rewards = tuple(base.score.rewards)
@@ -293,17 +338,34 @@ def validate_study(cfg: StudyConfig, params: Params, size: str) -> StudyPlan:
     try:
         curve = _eval_params(base, cfg, sz, sz.curve_prompts_per_category, sz.curve_images_per_prompt)
         final = _eval_params(base, cfg, sz, sz.final_prompts_per_category, sz.final_images_per_prompt)
-        tts = derive(_eval_params(base, cfg, sz, sz.tts_prompts_per_category, 1),
-                     sweep={"best_of_n": list(cfg.best_of_n), "select_by": JUDGE_SELECT_BY})
+        tts = derive(
+            _eval_params(base, cfg, sz, sz.tts_prompts_per_category, 1),
+            sweep={"best_of_n": list(cfg.best_of_n), "select_by": JUDGE_SELECT_BY},
+        )
         sp, si = sz.sweep_prompts_per_category, sz.sweep_images_per_prompt
-        targets = tuple((x, _eval_params(base, cfg, sz, sp, si, targets={cfg.target_reward: x}))
-                        for x in cfg.target_values)
+        targets = tuple(
+            (x, _eval_params(base, cfg, sz, sp, si, targets={cfg.target_reward: x})) for x in cfg.target_values
+        )
         guidance = tuple((w, _eval_params(base, cfg, sz, sp, si, guidance=w)) for w in cfg.guidance_scales)
     except ParamsError as err:
         lines = [f"study.sizes.{size}: evaluation {line}" for line in err.problems]
         raise ParamsError("study", problems + lines) from None
     if problems:
         raise ParamsError("study", problems)
-    return StudyPlan(size=size, cfg=cfg, sz=sz, root=root, manifests=manifests, params=base, steps=steps,
-                     rewards=rewards, runs=tuple(runs), tts_runs=tts_runs, curve=curve, final=final, tts=tts,
-                     target_points=targets, guidance_points=guidance)
+    return StudyPlan(
+        size=size,
+        cfg=cfg,
+        sz=sz,
+        root=root,
+        manifests=manifests,
+        params=base,
+        steps=steps,
+        rewards=rewards,
+        runs=tuple(runs),
+        tts_runs=tts_runs,
+        curve=curve,
+        final=final,
+        tts=tts,
+        target_points=targets,
+        guidance_points=guidance,
+    )

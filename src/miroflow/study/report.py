@@ -13,8 +13,19 @@ import numpy as np
 from miroflow import plots
 from miroflow.study.config import JUDGE_SELECT_BY
 
-__all__ = ["CATEGORIES", "speedup", "speedups", "tts_claims", "budget_line", "judge_claims", "write_figures",
-           "markdown", "notes", "fmt", "mean"]
+__all__ = [
+    "CATEGORIES",
+    "speedup",
+    "speedups",
+    "tts_claims",
+    "budget_line",
+    "judge_claims",
+    "write_figures",
+    "markdown",
+    "notes",
+    "fmt",
+    "mean",
+]
 
 #: Display order of the judge categories (GenEval's six).
 CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
@@ -42,8 +53,13 @@ def speedup(steps: Sequence[int], miro: Sequence[float | None], target: float | 
     (``"≥ x"``); ``None`` when MIRO never reaches it.
     """
     final = int(steps[-1])
-    out: dict[str, Any] = {"reached_at": None, "final": final, "speedup": None, "lower_bound": False,
-                           "text": "not reached"}
+    out: dict[str, Any] = {
+        "reached_at": None,
+        "final": final,
+        "speedup": None,
+        "lower_bound": False,
+        "text": "not reached",
+    }
     if target is None:
         out["text"] = "n/a"
         return out
@@ -55,8 +71,9 @@ def speedup(steps: Sequence[int], miro: Sequence[float | None], target: float | 
     return out
 
 
-def speedups(curves: Mapping[str, Mapping[str, Any]], groups: Mapping[str, Sequence[str]],
-             rewards: Sequence[str]) -> tuple[list[int], dict[str, Any]]:
+def speedups(
+    curves: Mapping[str, Mapping[str, Any]], groups: Mapping[str, Sequence[str]], rewards: Sequence[str]
+) -> tuple[list[int], dict[str, Any]]:
     """The eval steps and, per metric (``overall`` and every reward), MIRO's speed-up over the baseline
     (group means of the curves) against the baseline's final and its best point."""
 
@@ -71,8 +88,15 @@ def speedups(curves: Mapping[str, Mapping[str, Any]], groups: Mapping[str, Seque
         target = bc[-1] if bc else None
         best = max((v for v in bc if v is not None and math.isfinite(v)), default=None)
         strict = speedup(steps[: len(mc)], mc, best)  # vs the baseline's BEST point: robust to a declining baseline
-        out[r] = {**speedup(steps[: len(mc)], mc, target), "target": target, "miro_curve": mc, "baseline_curve": bc,
-                  "baseline_best": best, "strict_text": strict["text"], "strict_speedup": strict["speedup"]}
+        out[r] = {
+            **speedup(steps[: len(mc)], mc, target),
+            "target": target,
+            "miro_curve": mc,
+            "baseline_curve": bc,
+            "baseline_best": best,
+            "strict_text": strict["text"],
+            "strict_speedup": strict["speedup"],
+        }
     return steps, out
 
 
@@ -93,15 +117,20 @@ def budget_line(first_full_min: float | None, budget_min: float) -> str:
     first one stopped before writing its numbers): the budget was then not measured.
     """
     if first_full_min is None:
-        return (f"- Budget: no invocation of this size that started from scratch has finished (this one resumed "
-                f"earlier work), so the budget of {budget_min:g} min on a 2-core machine was **not measured**.")
+        return (
+            f"- Budget: no invocation of this size that started from scratch has finished (this one resumed "
+            f"earlier work), so the budget of {budget_min:g} min on a 2-core machine was **not measured**."
+        )
     met = first_full_min <= budget_min
-    return (f"- Budget: the first (from-scratch) invocation took {first_full_min:.1f} min against a budget of "
-            f"{budget_min:g} min for this size on a 2-core machine: **{'met' if met else 'NOT met'}**.")
+    return (
+        f"- Budget: the first (from-scratch) invocation took {first_full_min:.1f} min against a budget of "
+        f"{budget_min:g} min for this size on a 2-core machine: **{'met' if met else 'NOT met'}**."
+    )
 
 
-def _claim_margins(final: Mapping[str, Mapping[str, Any]], groups: Mapping[str, Sequence[str]],
-                   rewards: Sequence[str]) -> dict[str, Any]:
+def _claim_margins(
+    final: Mapping[str, Mapping[str, Any]], groups: Mapping[str, Sequence[str]], rewards: Sequence[str]
+) -> dict[str, Any]:
     base = [final[r] for r in groups["baseline"]]
     miro = [final[r] for r in groups["miro"]]
     rows, ok = [], True
@@ -115,22 +144,36 @@ def _claim_margins(final: Mapping[str, Mapping[str, Any]], groups: Mapping[str, 
         spread = max(float(np.ptp(b)) if len(b) > 1 else 0.0, float(np.ptp(mm)) if len(mm) > 1 else 0.0)
         good = margin > 0 and margin > spread
         ok &= good
-        rows.append(f"{m}: MIRO {np.mean(mm):.3f} vs baseline {np.mean(b):.3f} (margin {margin:+.3f}, "
-                    f"seed spread {spread:.3f}) {'✓' if good else '✗'}")
-    return {"claim": "MIRO beats the baseline on overall judge accuracy and on every reward at the final step, by "
-                     "more than the spread between two seeds", "reproduced": ok, "evidence": rows}
+        rows.append(
+            f"{m}: MIRO {np.mean(mm):.3f} vs baseline {np.mean(b):.3f} (margin {margin:+.3f}, "
+            f"seed spread {spread:.3f}) {'✓' if good else '✗'}"
+        )
+    return {
+        "claim": "MIRO beats the baseline on overall judge accuracy and on every reward at the final step, by "
+        "more than the spread between two seeds",
+        "reproduced": ok,
+        "evidence": rows,
+    }
 
 
 def _claim_target(tgt: Mapping[str, Any]) -> dict[str, Any]:
     ys, ses = tgt["values"], tgt["se"]
-    viol = [k for k in range(1, len(ys)) if ys[k] is None or ys[k - 1] is None
-            or ys[k] < ys[k - 1] - 2 * max(ses[k] or 0, ses[k - 1] or 0)]
+    viol = [
+        k
+        for k in range(1, len(ys))
+        if ys[k] is None or ys[k - 1] is None or ys[k] < ys[k - 1] - 2 * max(ses[k] or 0, ses[k - 1] or 0)
+    ]
     rise = ys[-1] is not None and ys[0] is not None and ys[-1] > ys[0] + 2 * max(ses[0] or 0, ses[-1] or 0)
     points = ", ".join(f"target {x:g}: {fmt(y)} ± {fmt(s)}" for x, y, s in zip(tgt["targets"], ys, ses))
-    return {"claim": f"Moving the {tgt['reward']} target from 0 to 1 raises {tgt['reward']} monotonically within noise",
-            "reproduced": not viol and rise,
-            "evidence": [points, f"steps that fall by more than 2 SE: {[tgt['targets'][k] for k in viol] or 'none'}; "
-                                 f"total rise {fmt((ys[-1] or 0) - (ys[0] or 0))}"]}
+    return {
+        "claim": f"Moving the {tgt['reward']} target from 0 to 1 raises {tgt['reward']} monotonically within noise",
+        "reproduced": not viol and rise,
+        "evidence": [
+            points,
+            f"steps that fall by more than 2 SE: {[tgt['targets'][k] for k in viol] or 'none'}; "
+            f"total rise {fmt((ys[-1] or 0) - (ys[0] or 0))}",
+        ],
+    }
 
 
 def judge_claims(study: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -144,10 +187,18 @@ def judge_claims(study: Mapping[str, Any]) -> list[dict[str, Any]]:
     # 2. convergence speed-up >= 3x on at least two rewards
     sp = study["speedup"]
     fast = [r for r in rewards if sp.get(r, {}).get("speedup") is not None and sp[r]["speedup"] >= 3.0]
-    claims.append({"claim": "Convergence speed-up ≥ 3× on at least two rewards", "reproduced": len(fast) >= 2,
-                   "evidence": [f"{r}: {sp[r]['text']} (baseline final {fmt(sp[r].get('target'))}; MIRO reaches it "
-                                + (f"at step {sp[r]['reached_at']} of {sp[r]['final']})" if sp[r]["reached_at"]
-                                   else "at no eval step)") for r in rewards if r in sp]})
+    claims.append(
+        {
+            "claim": "Convergence speed-up ≥ 3× on at least two rewards",
+            "reproduced": len(fast) >= 2,
+            "evidence": [
+                f"{r}: {sp[r]['text']} (baseline final {fmt(sp[r].get('target'))}; MIRO reaches it "
+                + (f"at step {sp[r]['reached_at']} of {sp[r]['final']})" if sp[r]["reached_at"] else "at no eval step)")
+                for r in rewards
+                if r in sp
+            ],
+        }
+    )
 
     # 3. MIRO N=1 >= baseline best-of-8 on at least two rewards
     tts = study.get("tts") or {}
@@ -161,8 +212,13 @@ def judge_claims(study: Mapping[str, Any]) -> list[dict[str, Any]]:
         if good:
             wins.append(r)
         rows.append(f"{r}: MIRO N=1 {fmt(m1)} vs baseline best-of-8 {fmt(b8)} {'✓' if good else '✗'}")
-    claims.append({"claim": "MIRO with one sample is at least as good as the baseline's best-of-8 on at least two "
-                            "rewards", "reproduced": len(wins) >= 2, "evidence": rows})
+    claims.append(
+        {
+            "claim": "MIRO with one sample is at least as good as the baseline's best-of-8 on at least two rewards",
+            "reproduced": len(wins) >= 2,
+            "evidence": rows,
+        }
+    )
 
     # 4. target sweep monotone within noise
     if study.get("target_sweep"):
@@ -171,39 +227,58 @@ def judge_claims(study: Mapping[str, Any]) -> list[dict[str, Any]]:
     syn = [final[r]["overall"] for r in groups.get("synthetic", []) if final[r].get("overall") is not None]
     real = [final[r]["overall"] for r in groups["miro"] if final[r].get("overall") is not None]
     if syn and real:
-        claims.append({"claim": "Synthetic-caption MIRO beats real-caption MIRO on judge accuracy",
-                       "reproduced": float(np.mean(syn)) > float(np.mean(real)),
-                       "evidence": [f"overall accuracy: synthetic-caption MIRO {np.mean(syn):.3f} vs real-caption "
-                                    f"MIRO {np.mean(real):.3f} (seeds {len(real)})"]})
+        claims.append(
+            {
+                "claim": "Synthetic-caption MIRO beats real-caption MIRO on judge accuracy",
+                "reproduced": float(np.mean(syn)) > float(np.mean(real)),
+                "evidence": [
+                    f"overall accuracy: synthetic-caption MIRO {np.mean(syn):.3f} vs real-caption "
+                    f"MIRO {np.mean(real):.3f} (seeds {len(real)})"
+                ],
+            }
+        )
     return claims
 
 
 # --------------------------------------------------------------------------- figures
-def write_figures(study: Mapping[str, Any], samples: tuple[np.ndarray, list[str], list[str]],
-                  fig_dir: Path) -> dict[str, Path]:
+def write_figures(
+    study: Mapping[str, Any], samples: tuple[np.ndarray, list[str], list[str]], fig_dir: Path
+) -> dict[str, Path]:
     """The report's figures as PNG files under ``fig_dir``: ``{key: path}`` (convergence, tts,
     target, guidance, samples)."""
     fig_dir.mkdir(parents=True, exist_ok=True)
     dpi = 72
     rewards = study["rewards"]
-    figs = {"convergence": plots.save_png(plots.convergence(study["curves"], ["overall", *rewards]),
-                                          fig_dir / "convergence.png", dpi=dpi)}
+    figs = {
+        "convergence": plots.save_png(
+            plots.convergence(study["curves"], ["overall", *rewards]), fig_dir / "convergence.png", dpi=dpi
+        )
+    }
     if study.get("tts_raw"):
         fig = plots.best_of_n_panels(study["tts_raw"], rewards, judge_select_by=JUDGE_SELECT_BY)
         figs["tts"] = plots.save_png(fig, fig_dir / "best_of_n.png", dpi=dpi)
     sw = study.get("sweeps") or {}
     omega = f"{study['guidance_scale']:g}"
     for kind, file, xlabel, title in (
-            ("target", "target_sweep.png", f"target {study['target_reward']} (others 1)",
-             f"reward-target sweep ({sw.get('run')}, ω={omega})"),
-            ("guidance", "guidance_sweep.png", "guidance ω", f"guidance sweep ({sw.get('run')}, targets 1 vs 0)")):
+        (
+            "target",
+            "target_sweep.png",
+            f"target {study['target_reward']} (others 1)",
+            f"reward-target sweep ({sw.get('run')}, ω={omega})",
+        ),
+        ("guidance", "guidance_sweep.png", "guidance ω", f"guidance sweep ({sw.get('run')}, targets 1 vs 0)"),
+    ):
         if sw.get(kind):
             series = {k: [p.get(k) for p in sw[kind]] for k in [*rewards, "overall"]}
             fig = plots.tradeoff([p["x"] for p in sw[kind]], series, xlabel=xlabel, title=title)
             figs[kind] = plots.save_png(fig, fig_dir / file, dpi=dpi)
     imgs, labels, prompts = samples
-    fig = plots.image_grid(imgs, row_labels=labels, col_labels=[p if len(p) <= 22 else p[:20] + "…" for p in prompts],
-                           title="final samples (first image per prompt, same seeds)")
+    fig = plots.image_grid(
+        imgs,
+        row_labels=labels,
+        col_labels=[p if len(p) <= 22 else p[:20] + "…" for p in prompts],
+        title="final samples (first image per prompt, same seeds)",
+    )
     figs["samples"] = plots.save_png(fig, fig_dir / "samples.png", dpi=48)
     return figs
 
@@ -223,30 +298,37 @@ def _claims_md(study: Mapping[str, Any]) -> list[str]:
 
 def _setup_md(study: Mapping[str, Any]) -> list[str]:
     rewards, c, d = study["rewards"], study["compute"], study["data"]
-    per_run = ", ".join(f"{n} {t:.1f} min ({c['train_threads'].get(n) or '?'} thr, {fmt(c['s_per_step'].get(n), 2)} "
-                        f"s/step)" for n, t in c["train_per_run_min"].items())
-    runs = "; ".join(f"`{n}` ({r['role']}, rewards {r['rewards']}, synthetic p={r['syn']}, seed {r['seed']})"
-                     for n, r in study["runs"].items())
+    per_run = ", ".join(
+        f"{n} {t:.1f} min ({c['train_threads'].get(n) or '?'} thr, {fmt(c['s_per_step'].get(n), 2)} s/step)"
+        for n, t in c["train_per_run_min"].items()
+    )
+    runs = "; ".join(
+        f"`{n}` ({r['role']}, rewards {r['rewards']}, synthetic p={r['syn']}, seed {r['seed']})"
+        for n, r in study["runs"].items()
+    )
     resumed = "started from scratch" if c.get("from_scratch") else "resumed earlier work"
-    L = ["## Setup and compute\n",
-         f"- Data: {d['num_samples']} shapes images at {study['resolution']} px; {d['blurred']} blurred, {d['noisy']} "
-         f"noisy, {d['low_contrast']} low-contrast, {d['swapped']} with a swapped (mismatched) caption; every sample "
-         f"also has an accurate synthetic caption. Scored with {', '.join(rewards)} ({study['num_bins']} quantile "
-         f"bins). Data hash `{d['data_hash']}`.",
-         f"- Model: `{study['model']}` denoiser ({study['model_params']:,} parameters for full MIRO), text encoder "
-         f"`{study['text_encoder']}`, pixel space; {study['steps']} steps at batch {study['batch_size']}, lr "
-         f"{study['lr']}, EMA {study['ema_decay']}; reward dropout {study['reward_dropout']} per reward, "
-         f"{study['all_reward_dropout']} all rewards.",
-         f"- Runs (equal steps, data, schedule): {runs}",
-         f"- Evaluation: EMA weights, Euler {study['eval_steps']} steps, all targets 1, "
-         f"ω = {study['guidance_scale']:g}, sampling seed {study['eval_seed']}; convergence curves on "
-         f"{study['curve_set']} at steps {study['eval_steps_list']}; final table on {study['final_set']}.",
-         f"- Machine: {c['cores']} cores, {c['cpu_model']}, torch threads {c['threads']} (load average at start "
-         f"{c['load_avg']:.1f}). Wall time: {c['total_min']:.1f} min this invocation ({resumed}), "
-         f"{c['cumulative_min']:.1f} min summed over all invocations of this size ({c['invocations']} so far; a "
-         f"resumed call reuses finished stages); training {c['train_min']:.1f} min summed over runs (per run: "
-         f"{per_run}); stages this invocation: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in c["stages_s"].items())
-         + "."]
+    L = [
+        "## Setup and compute\n",
+        f"- Data: {d['num_samples']} shapes images at {study['resolution']} px; {d['blurred']} blurred, {d['noisy']} "
+        f"noisy, {d['low_contrast']} low-contrast, {d['swapped']} with a swapped (mismatched) caption; every sample "
+        f"also has an accurate synthetic caption. Scored with {', '.join(rewards)} ({study['num_bins']} quantile "
+        f"bins). Data hash `{d['data_hash']}`.",
+        f"- Model: `{study['model']}` denoiser ({study['model_params']:,} parameters for full MIRO), text encoder "
+        f"`{study['text_encoder']}`, pixel space; {study['steps']} steps at batch {study['batch_size']}, lr "
+        f"{study['lr']}, EMA {study['ema_decay']}; reward dropout {study['reward_dropout']} per reward, "
+        f"{study['all_reward_dropout']} all rewards.",
+        f"- Runs (equal steps, data, schedule): {runs}",
+        f"- Evaluation: EMA weights, Euler {study['eval_steps']} steps, all targets 1, "
+        f"ω = {study['guidance_scale']:g}, sampling seed {study['eval_seed']}; convergence curves on "
+        f"{study['curve_set']} at steps {study['eval_steps_list']}; final table on {study['final_set']}.",
+        f"- Machine: {c['cores']} cores, {c['cpu_model']}, torch threads {c['threads']} (load average at start "
+        f"{c['load_avg']:.1f}). Wall time: {c['total_min']:.1f} min this invocation ({resumed}), "
+        f"{c['cumulative_min']:.1f} min summed over all invocations of this size ({c['invocations']} so far; a "
+        f"resumed call reuses finished stages); training {c['train_min']:.1f} min summed over runs (per run: "
+        f"{per_run}); stages this invocation: "
+        + ", ".join(f"{k} {v / 60:.1f} min" for k, v in c["stages_s"].items())
+        + ".",
+    ]
     if c.get("budget_min"):
         L.append(budget_line(c["first_full_min"], c["budget_min"]))
     L.append("")
@@ -256,33 +338,44 @@ def _setup_md(study: Mapping[str, Any]) -> list[str]:
 def _final_md(study: Mapping[str, Any]) -> list[str]:
     rewards = study["rewards"]
     cats = [k for k in CATEGORIES if any(f"acc/{k}" in f for f in study["final"].values())]
-    L = ["## Final comparison (judge accuracy per GenEval category, overall = mean over categories, mean normalised "
-         "rewards)\n",
-         "| run | " + " | ".join(cats) + " | **overall** | " + " | ".join(rewards) + " |",
-         "|---" * (2 + len(cats) + len(rewards)) + "|"]
+    L = [
+        "## Final comparison (judge accuracy per GenEval category, overall = mean over categories, mean normalised "
+        "rewards)\n",
+        "| run | " + " | ".join(cats) + " | **overall** | " + " | ".join(rewards) + " |",
+        "|---" * (2 + len(cats) + len(rewards)) + "|",
+    ]
     for name, f in study["final"].items():
-        L.append(f"| {name} | " + " | ".join(fmt(f.get(f"acc/{k}"), 2) for k in cats)
-                 + f" | **{fmt(f.get('overall'))}** | " + " | ".join(fmt(f.get(r)) for r in rewards) + " |")
+        L.append(
+            f"| {name} | "
+            + " | ".join(fmt(f.get(f"acc/{k}"), 2) for k in cats)
+            + f" | **{fmt(f.get('overall'))}** | "
+            + " | ".join(fmt(f.get(r)) for r in rewards)
+            + " |"
+        )
     L.append("")
     return L
 
 
 def _convergence_md(study: Mapping[str, Any], figs: Mapping[str, Path]) -> list[str]:
-    L = ["## Convergence and speed-up\n",
-         "Speed-up per reward = final step / first eval step at which MIRO (mean of its seeds) reaches the baseline's "
-         "final value (mean of its seeds), on the convergence curves (the paper's definition); \"≥\" = MIRO was "
-         "already there at the first eval point.\n",
-         "The last two columns repeat the measurement against the baseline's *best* point on its curve instead of its "
-         "final one (stricter where the baseline's curve falls during training); the claim uses the paper's "
-         "definition.\n",
-         "| reward | baseline curve | MIRO curve (mean of seeds) | reached at | speed-up | baseline best | "
-         "speed-up vs best |\n|---|---|---|---|---|---|---|"]
+    L = [
+        "## Convergence and speed-up\n",
+        "Speed-up per reward = final step / first eval step at which MIRO (mean of its seeds) reaches the baseline's "
+        'final value (mean of its seeds), on the convergence curves (the paper\'s definition); "≥" = MIRO was '
+        "already there at the first eval point.\n",
+        "The last two columns repeat the measurement against the baseline's *best* point on its curve instead of its "
+        "final one (stricter where the baseline's curve falls during training); the claim uses the paper's "
+        "definition.\n",
+        "| reward | baseline curve | MIRO curve (mean of seeds) | reached at | speed-up | baseline best | "
+        "speed-up vs best |\n|---|---|---|---|---|---|---|",
+    ]
     for r in ["overall", *study["rewards"]]:
         s = study["speedup"].get(r)
         if s:
-            L.append(f"| {r} | {' / '.join(fmt(v) for v in s['baseline_curve'])} | "
-                     f"{' / '.join(fmt(v) for v in s['miro_curve'])} | {s['reached_at'] or '–'} | {s['text']} | "
-                     f"{fmt(s.get('baseline_best'))} | {s.get('strict_text', '–')} |")
+            L.append(
+                f"| {r} | {' / '.join(fmt(v) for v in s['baseline_curve'])} | "
+                f"{' / '.join(fmt(v) for v in s['miro_curve'])} | {s['reached_at'] or '–'} | {s['text']} | "
+                f"{fmt(s.get('baseline_best'))} | {s.get('strict_text', '–')} |"
+            )
     L.append("")
     if "convergence" in figs:
         L.append(f"![convergence](figures/{figs['convergence'].name})\n")
@@ -291,20 +384,32 @@ def _convergence_md(study: Mapping[str, Any], figs: Mapping[str, Path]) -> list[
 
 def _tts_md(study: Mapping[str, Any], figs: Mapping[str, Path]) -> list[str]:
     rewards, raw = study["rewards"], study["tts_raw"]
-    L = ["## Test-time scaling: best-of-N\n",
-         f"{study['tts_set']}; candidates scored by every reward; for each reward the best of the first N candidates "
-         "by that reward. Compute per image = N × steps denoiser evaluations + N reward calls.\n"]
+    L = [
+        "## Test-time scaling: best-of-N\n",
+        f"{study['tts_set']}; candidates scored by every reward; for each reward the best of the first N candidates "
+        "by that reward. Compute per image = N × steps denoiser evaluations + N reward calls.\n",
+    ]
     ns = raw["miro"]["select_by"][rewards[0]]["ns"]
-    L.append("| reward (selected by itself) | MIRO N=1 | " + " | ".join(f"baseline N={n}" for n in ns) + " | "
-             + " | ".join(f"MIRO N={n}" for n in ns[1:]) + " |")
+    L.append(
+        "| reward (selected by itself) | MIRO N=1 | "
+        + " | ".join(f"baseline N={n}" for n in ns)
+        + " | "
+        + " | ".join(f"MIRO N={n}" for n in ns[1:])
+        + " |"
+    )
     L.append("|---" * (2 + 2 * len(ns) - 1) + "|")
     for r in [*rewards, "accuracy"]:
         sel = JUDGE_SELECT_BY if r == "accuracy" else r
         m = raw["miro"]["select_by"][sel]["curves"][r]
         b = raw["baseline"]["select_by"][sel]["curves"][r]
         label = r if r != "accuracy" else f"judge accuracy (selected by {JUDGE_SELECT_BY})"
-        L.append(f"| {label} | {fmt(m[0])} | " + " | ".join(fmt(v) for v in b) + " | "
-                 + " | ".join(fmt(v) for v in m[1:]) + " |")
+        L.append(
+            f"| {label} | {fmt(m[0])} | "
+            + " | ".join(fmt(v) for v in b)
+            + " | "
+            + " | ".join(fmt(v) for v in m[1:])
+            + " |"
+        )
     L.append("")
     if "tts" in figs:
         L.append(f"![best-of-N](figures/{figs['tts'].name})\n")
@@ -314,8 +419,11 @@ def _tts_md(study: Mapping[str, Any], figs: Mapping[str, Path]) -> list[str]:
 def _sweeps_md(study: Mapping[str, Any], figs: Mapping[str, Path]) -> list[str]:
     rewards, sw = study["rewards"], study["sweeps"]
     head = " | ".join(rewards) + " | overall |\n" + "|---" * (len(rewards) + 2) + "|"
-    L = ["## Reward-target and guidance sweeps\n", f"On `{sw['run']}`, {study['sweep_set']}.\n",
-         f"| target {study['target_reward']} | " + head]
+    L = [
+        "## Reward-target and guidance sweeps\n",
+        f"On `{sw['run']}`, {study['sweep_set']}.\n",
+        f"| target {study['target_reward']} | " + head,
+    ]
     for kind, first in (("target", None), ("guidance", "| ω | " + head)):
         if first:
             L.append(first)
@@ -330,12 +438,16 @@ def _sweeps_md(study: Mapping[str, Any], figs: Mapping[str, Path]) -> list[str]:
 
 def markdown(study: Mapping[str, Any], figs: Mapping[str, Path]) -> str:
     """``results.md`` of the study dict, with links to ``figs``."""
-    L = [f"# MIRO vs baseline on the shapes domain ({study['size']} size)\n",
-         f"Regenerated by `{study['command']}` (`miroflow.study.run_study`); do not edit by hand. "
-         f"Generated {study['generated']}. Settings: `params.yaml` + `study.yaml` (size `{study['size']}`).\n"]
+    L = [
+        f"# MIRO vs baseline on the shapes domain ({study['size']} size)\n",
+        f"Regenerated by `{study['command']}` (`miroflow.study.run_study`); do not edit by hand. "
+        f"Generated {study['generated']}. Settings: `params.yaml` + `study.yaml` (size `{study['size']}`).\n",
+    ]
     if study["size"] != "default":
-        L.append("> **Quick size: a smoke test of the mechanics. These numbers are NOT evidence for or against any "
-                 "claim.**\n")
+        L.append(
+            "> **Quick size: a smoke test of the mechanics. These numbers are NOT evidence for or against any "
+            "claim.**\n"
+        )
     L += _claims_md(study) + _setup_md(study) + _final_md(study) + _convergence_md(study, figs)
     if study.get("tts"):
         L += _tts_md(study, figs)
@@ -361,8 +473,10 @@ def notes(study: Mapping[str, Any]) -> list[str]:
         f"`{study.get('mlflow_run_id')}`.",
     ]
     if any(not c["reproduced"] for c in study["claims"]):
-        out.append("Claims not reproduced are left so; what was tried is the single configuration of study.yaml (tiny "
-                   f"3-layer width-64 MMDiT, {study['steps']} steps at batch {study['batch_size']}, reward dropout "
-                   f"{study['reward_dropout']}/{study['all_reward_dropout']}, ω = {study['guidance_scale']:g} "
-                   "with an ω sweep); the analysis of why follows.")
+        out.append(
+            "Claims not reproduced are left so; what was tried is the single configuration of study.yaml (tiny "
+            f"3-layer width-64 MMDiT, {study['steps']} steps at batch {study['batch_size']}, reward dropout "
+            f"{study['reward_dropout']}/{study['all_reward_dropout']}, ω = {study['guidance_scale']:g} "
+            "with an ω sweep); the analysis of why follows."
+        )
     return out

@@ -39,8 +39,22 @@ from miroflow.tracking import NullTracker, Tracker, tracked_run
 from miroflow.tts import best_of_n
 from miroflow.util import json_safe, json_text
 
-__all__ = ["run_study", "StudyRun", "Curves", "found_prior_work", "read_json", "write_json", "study_metrics",
-           "evaluate", "stage_data", "stage_train", "stage_curves", "stage_tts", "stage_sweeps", "sample_images"]
+__all__ = [
+    "run_study",
+    "StudyRun",
+    "Curves",
+    "found_prior_work",
+    "read_json",
+    "write_json",
+    "study_metrics",
+    "evaluate",
+    "stage_data",
+    "stage_train",
+    "stage_curves",
+    "stage_tts",
+    "stage_sweeps",
+    "sample_images",
+]
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +118,16 @@ def _reusable(doc: Mapping[str, Any], p: Params, checkpoint: str) -> bool:
     """Whether a stored ``summary.json`` is the evaluation ``p`` of ``checkpoint`` would make."""
     ev = p.eval
     targets = doc.get("reward_targets") or {}
-    return (doc.get("checkpoint") == checkpoint and doc.get("prompt_set") == ev.prompt_set
-            and doc.get("images_per_prompt") == ev.images_per_prompt
-            and doc.get("n_images") == ev.images_per_prompt * doc.get("n_prompts", -1)
-            and doc.get("steps") == ev.steps and doc.get("seed") == ev.seed
-            and doc.get("guidance_scale") == ev.guidance_scale
-            and all(targets.get(k) == v for k, v in ev.reward_targets.items()))
+    return (
+        doc.get("checkpoint") == checkpoint
+        and doc.get("prompt_set") == ev.prompt_set
+        and doc.get("images_per_prompt") == ev.images_per_prompt
+        and doc.get("n_images") == ev.images_per_prompt * doc.get("n_prompts", -1)
+        and doc.get("steps") == ev.steps
+        and doc.get("seed") == ev.seed
+        and doc.get("guidance_scale") == ev.guidance_scale
+        and all(targets.get(k) == v for k, v in ev.reward_targets.items())
+    )
 
 
 def evaluate(run: StudyRun, p: Params, checkpoint: str, out: str) -> EvalSummary:
@@ -120,8 +138,9 @@ def evaluate(run: StudyRun, p: Params, checkpoint: str, out: str) -> EvalSummary
             return EvalSummary.from_dict(done)
         except ValueError:
             log.warning("study: %s/summary.json has another layout; evaluating again", out)
-    return stages.evaluate(derive(p, eval={"checkpoint": checkpoint}), out_uri=out, manifest=None, storage=run.st,
-                           tracker=NullTracker())
+    return stages.evaluate(
+        derive(p, eval={"checkpoint": checkpoint}), out_uri=out, manifest=None, storage=run.st, tracker=NullTracker()
+    )
 
 
 # --------------------------------------------------------------------------- stages
@@ -141,8 +160,15 @@ def stage_data(run: StudyRun) -> dict[str, Any]:
             blurred += "blur" in d
             noisy += "noise" in d
             lowc += "low_contrast" in d or "contrast" in d
-    return {"num_samples": n, "swapped": swapped, "blurred": blurred, "noisy": noisy, "low_contrast": lowc,
-            "data_hash": data.prepare.data_hash, "bins_hash": data.bins.hash}
+    return {
+        "num_samples": n,
+        "swapped": swapped,
+        "blurred": blurred,
+        "noisy": noisy,
+        "low_contrast": lowc,
+        "data_hash": data.prepare.data_hash,
+        "bins_hash": data.bins.hash,
+    }
 
 
 def stage_train(run: StudyRun) -> dict[str, dict[str, Any]]:
@@ -166,9 +192,15 @@ def stage_train(run: StudyRun) -> dict[str, dict[str, Any]]:
                 with run.parent.child_run(f"train-{pr.name}", tags=tags) as tr:
                     res = stages.train(pr.params, resume=True, tracker=tr, storage=st)
                 prev = rec["wall_time_s"] if rec else 0.0
-                rec = {"checkpoint": res.checkpoint, "steps": res.steps, "loss": res.loss,
-                       "wall_time_s": prev + res.wall_time_s, "mlflow_run_id": tr.run_id, "threads": threads,
-                       "s_per_step": res.wall_time_s / max(1, res.steps - start)}
+                rec = {
+                    "checkpoint": res.checkpoint,
+                    "steps": res.steps,
+                    "loss": res.loss,
+                    "wall_time_s": prev + res.wall_time_s,
+                    "mlflow_run_id": tr.run_id,
+                    "threads": threads,
+                    "s_per_step": res.wall_time_s / max(1, res.steps - start),
+                }
                 write_json(st, rec_uri, rec)
                 own = float(threads)
             ckpts = list(list_checkpoints(run_dir, st))
@@ -197,19 +229,25 @@ def stage_curves(run: StudyRun, train: Mapping[str, Mapping[str, Any]]) -> Curve
     final_summaries: dict[str, EvalSummary] = {}
     with run.timed("eval"):
         for name, rec in train.items():
-            pts = [(int(step), evaluate(run, plan.curve, uri, join_uri(plan.root, "eval", name, f"step-{step:08d}")))
-                   for step, uri in rec["checkpoints"]]
+            pts = [
+                (int(step), evaluate(run, plan.curve, uri, join_uri(plan.root, "eval", name, f"step-{step:08d}")))
+                for step, uri in rec["checkpoints"]
+            ]
             ms = [study_metrics(s) for _, s in pts]
             curves[name] = {"steps": [s for s, _ in pts], "metrics": {k: [m.get(k) for m in ms] for k in ms[-1]}}
             fin = evaluate(run, plan.final, rec["checkpoints"][-1][1], join_uri(plan.root, "eval", name, "final"))
-            finals[name] = {**study_metrics(fin), "_se": _se(fin, plan.rewards),
-                            "_summary_uri": join_uri(plan.root, "eval", name, "final", "summary.json")}
+            finals[name] = {
+                **study_metrics(fin),
+                "_se": _se(fin, plan.rewards),
+                "_summary_uri": join_uri(plan.root, "eval", name, "final", "summary.json"),
+            }
             summaries[name], final_summaries[name] = pts, fin
     return Curves(curves, finals, summaries, final_summaries)
 
 
-def _candidates(st: Storage, output: str, rewards: Sequence[str]) -> tuple[dict[str, np.ndarray],
-                                                                          dict[str, np.ndarray], list[str]]:
+def _candidates(
+    st: Storage, output: str, rewards: Sequence[str]
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[str]]:
     """Scores ``{reward: [P, Nmax]}``, judge arrays and prompt tags from a tts stage's ``candidates.jsonl``."""
     rows = [json.loads(x) for x in st.read_bytes(join_uri(output, "candidates.jsonl")).decode().splitlines() if x]
     p = 1 + max(r["prompt_index"] for r in rows)
@@ -241,8 +279,15 @@ def stage_tts(run: StudyRun, train: Mapping[str, Mapping[str, Any]]) -> dict[str
             ckpt = train[name]["checkpoints"][-1][1]
             uri = join_uri(plan.root, "tts", f"{name}.json")
             ev = plan.tts.eval
-            key = {"checkpoint": ckpt, "n_max": n_max, "ns": ns, "prompt_set": ev.prompt_set, "steps": ev.steps,
-                   "guidance_scale": ev.guidance_scale, "seed": ev.seed}
+            key = {
+                "checkpoint": ckpt,
+                "n_max": n_max,
+                "ns": ns,
+                "prompt_set": ev.prompt_set,
+                "steps": ev.steps,
+                "guidance_scale": ev.guidance_scale,
+                "seed": ev.seed,
+            }
             doc = read_json(st, uri)
             if doc is None or any(doc.get(k) != v for k, v in key.items()):
                 p = derive(plan.tts, eval={"checkpoint": ckpt}, train={"run_name": name})
@@ -251,8 +296,15 @@ def stage_tts(run: StudyRun, train: Mapping[str, Mapping[str, Any]]) -> dict[str
                 scores, judge, tags = _candidates(st, res.output, plan.rewards)
                 by = {}
                 for sel in plan.rewards:
-                    r = best_of_n(scores, select_by=sel, ns=cfg.best_of_n, judge=judge, tags=tags,
-                                  steps=plan.sz.eval_steps, guidance_scale=cfg.guidance_scale)
+                    r = best_of_n(
+                        scores,
+                        select_by=sel,
+                        ns=cfg.best_of_n,
+                        judge=judge,
+                        tags=tags,
+                        steps=plan.sz.eval_steps,
+                        guidance_scale=cfg.guidance_scale,
+                    )
                     by[sel] = {"ns": r["ns"], "curves": r["curves"], "compute": r["compute"]}
                 doc = {**key, "run": name, "n_prompts": res.n_prompts, "select_by": by}
                 write_json(st, uri, doc)
@@ -286,8 +338,9 @@ def stage_sweeps(run: StudyRun, train: Mapping[str, Mapping[str, Any]]) -> dict[
     return res
 
 
-def sample_images(run: StudyRun, train: Mapping[str, Any],
-                  n_prompts: int = 6) -> tuple[np.ndarray, list[str], list[str]]:
+def sample_images(
+    run: StudyRun, train: Mapping[str, Any], n_prompts: int = 6
+) -> tuple[np.ndarray, list[str], list[str]]:
     """First image of the first prompts of every run's final eval: ``[runs, prompts, H, W, 3]``, labels, prompts."""
     rows, labels = [], []
     prompts: list[str] = []
@@ -308,8 +361,13 @@ def _png(data: bytes) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- entry point
-def run_study(params: Params, size: str = "default", out_dir: str | Path = "docs", storage: Storage | None = None,
-              study_config: str | Path | StudyConfig | None = "study.yaml") -> dict[str, Any]:
+def run_study(
+    params: Params,
+    size: str = "default",
+    out_dir: str | Path = "docs",
+    storage: Storage | None = None,
+    study_config: str | Path | StudyConfig | None = "study.yaml",
+) -> dict[str, Any]:
     """Run (or resume) the whole study and write ``<out_dir>/results.md`` + ``<out_dir>/figures/*.png``.
 
     The study is validated first (:func:`~miroflow.study.config.validate_study`): a study that
@@ -336,11 +394,19 @@ def run_study(params: Params, size: str = "default", out_dir: str | Path = "docs
     prior = found_prior_work(plan, st)
     plan.manifests.mkdir(parents=True, exist_ok=True)
     load, threads = load_average(), choose_threads(cfg.threads)
-    log.info("study %s: root %s, %d threads (load %.1f), %s", size, plan.root, threads, load,
-             "resuming earlier work" if prior else "from scratch")
+    log.info(
+        "study %s: root %s, %d threads (load %.1f), %s",
+        size,
+        plan.root,
+        threads,
+        load,
+        "resuming earlier work" if prior else "from scratch",
+    )
     out = Path(out_dir)
-    with torch_threads(threads), tracked_run(plan.params, f"study-{size}",
-                                             {"study.size": size, "study.kind": "study"}) as parent:
+    with (
+        torch_threads(threads),
+        tracked_run(plan.params, f"study-{size}", {"study.size": size, "study.kind": "study"}) as parent,
+    ):
         run = StudyRun(plan, st, parent)
         data = stage_data(run)
         train = stage_train(run)
@@ -361,8 +427,14 @@ def run_study(params: Params, size: str = "default", out_dir: str | Path = "docs
     return study
 
 
-def _study_doc(run: StudyRun, data: dict[str, Any], train: Mapping[str, Mapping[str, Any]], ev: Curves,
-               tts: dict[str, Any], sweeps: dict[str, Any]) -> dict[str, Any]:
+def _study_doc(
+    run: StudyRun,
+    data: dict[str, Any],
+    train: Mapping[str, Mapping[str, Any]],
+    ev: Curves,
+    tts: dict[str, Any],
+    sweeps: dict[str, Any],
+) -> dict[str, Any]:
     """The study dict (everything but compute, notes and outputs) with its claims judged."""
     plan, cfg, sz = run.plan, run.plan.cfg, run.plan.sz
     rewards = list(plan.rewards)
@@ -371,66 +443,121 @@ def _study_doc(run: StudyRun, data: dict[str, Any], train: Mapping[str, Mapping[
         groups.setdefault(rec["role"], []).append(name)
     steps_list, sp = report.speedups(ev.curves, groups, rewards)
     tr = cfg.target_reward
-    tgt = {"reward": tr, "targets": [p["x"] for p in sweeps["target"]], "values": [p.get(tr) for p in sweeps["target"]],
-           "se": [p["se"].get(tr) for p in sweeps["target"]]} if tr in rewards else {}
+    tgt = (
+        {
+            "reward": tr,
+            "targets": [p["x"] for p in sweeps["target"]],
+            "values": [p.get(tr) for p in sweeps["target"]],
+            "se": [p["se"].get(tr) for p in sweeps["target"]],
+        }
+        if tr in rewards
+        else {}
+    )
     tp = plan.params.train
-    n_params = sum(p.numel() for p in create_denoiser(tp.model, rewards, text_dim=384, pooled_dim=384, in_channels=3,
-                                                      sample_size=plan.params.data.resolution).parameters())
+    n_params = sum(
+        p.numel()
+        for p in create_denoiser(
+            tp.model, rewards, text_dim=384, pooled_dim=384, in_channels=3, sample_size=plan.params.data.resolution
+        ).parameters()
+    )
     seeds = {role: plan.run(name).seed for role, name in plan.tts_runs.items()}
-    tts_seeds = (f"MIRO and baseline seed {seeds['miro']}" if seeds["miro"] == seeds["baseline"]
-                 else f"MIRO seed {seeds['miro']} and baseline seed {seeds['baseline']}")
+    tts_seeds = (
+        f"MIRO and baseline seed {seeds['miro']}"
+        if seeds["miro"] == seeds["baseline"]
+        else f"MIRO seed {seeds['miro']} and baseline seed {seeds['baseline']}"
+    )
     study: dict[str, Any] = {
-        "size": plan.size, "root": plan.root, "experiment": cfg.experiment,
+        "size": plan.size,
+        "root": plan.root,
+        "experiment": cfg.experiment,
         "command": "miroflow study" + (" --quick" if plan.size == "quick" else ""),
         "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "rewards": rewards, "data": data, "resolution": plan.params.data.resolution,
-        "num_bins": plan.params.score.num_bins, "model": tp.model, "model_params": n_params,
-        "text_encoder": tp.text_encoder, "steps": plan.steps, "batch_size": tp.batch_size, "lr": tp.lr,
-        "ema_decay": tp.ema_decay, "reward_dropout": tp.reward_dropout, "all_reward_dropout": tp.all_reward_dropout,
-        "runs": {pr.name: {"role": pr.spec.role, "rewards": "all" if pr.spec.rewards is None else pr.spec.rewards,
-                           "syn": pr.spec.synthetic_caption_prob, "seed": pr.seed} for pr in plan.runs},
-        "groups": groups, "eval_steps": sz.eval_steps, "guidance_scale": cfg.guidance_scale, "eval_seed": cfg.eval_seed,
+        "rewards": rewards,
+        "data": data,
+        "resolution": plan.params.data.resolution,
+        "num_bins": plan.params.score.num_bins,
+        "model": tp.model,
+        "model_params": n_params,
+        "text_encoder": tp.text_encoder,
+        "steps": plan.steps,
+        "batch_size": tp.batch_size,
+        "lr": tp.lr,
+        "ema_decay": tp.ema_decay,
+        "reward_dropout": tp.reward_dropout,
+        "all_reward_dropout": tp.all_reward_dropout,
+        "runs": {
+            pr.name: {
+                "role": pr.spec.role,
+                "rewards": "all" if pr.spec.rewards is None else pr.spec.rewards,
+                "syn": pr.spec.synthetic_caption_prob,
+                "seed": pr.seed,
+            }
+            for pr in plan.runs
+        },
+        "groups": groups,
+        "eval_steps": sz.eval_steps,
+        "guidance_scale": cfg.guidance_scale,
+        "eval_seed": cfg.eval_seed,
         "curve_set": f"{6 * sz.curve_prompts_per_category} prompts (shapes:{sz.curve_prompts_per_category}) × "
-                     f"{sz.curve_images_per_prompt} images",
+        f"{sz.curve_images_per_prompt} images",
         "final_set": f"{6 * sz.final_prompts_per_category} prompts (shapes:{sz.final_prompts_per_category}) × "
-                     f"{sz.final_images_per_prompt} images",
+        f"{sz.final_images_per_prompt} images",
         "tts_set": f"{6 * sz.tts_prompts_per_category} prompts (shapes:{sz.tts_prompts_per_category}) × "
-                   f"{max(cfg.best_of_n)} candidates, {tts_seeds}",
+        f"{max(cfg.best_of_n)} candidates, {tts_seeds}",
         "sweep_set": f"{6 * sz.sweep_prompts_per_category} prompts × {sz.sweep_images_per_prompt} images, "
-                     f"ω = {cfg.guidance_scale:g} for the target sweep, all targets 1 vs 0 for the ω sweep",
-        "eval_steps_list": steps_list, "target_reward": tr,
+        f"ω = {cfg.guidance_scale:g} for the target sweep, all targets 1 vs 0 for the ω sweep",
+        "eval_steps_list": steps_list,
+        "target_reward": tr,
         "final": {n: {k: v for k, v in f.items() if not k.startswith("_")} for n, f in ev.final.items()},
-        "curves": ev.curves, "speedup": sp, "tts": report.tts_claims(tts, rewards), "tts_raw": tts, "sweeps": sweeps,
-        "target_sweep": tgt, "mlflow_run_id": run.parent.run_id,
+        "curves": ev.curves,
+        "speedup": sp,
+        "tts": report.tts_claims(tts, rewards),
+        "tts_raw": tts,
+        "sweeps": sweeps,
+        "target_sweep": tgt,
+        "mlflow_run_id": run.parent.run_id,
     }
     study["claims"] = report.judge_claims(study)
     return study
 
 
-def _compute(run: StudyRun, train: Mapping[str, Mapping[str, Any]], t_start: float, threads: int, load: float,
-             prior: bool) -> dict[str, Any]:
+def _compute(
+    run: StudyRun, train: Mapping[str, Mapping[str, Any]], t_start: float, threads: int, load: float, prior: bool
+) -> dict[str, Any]:
     """Machine, wall times and budget bookkeeping; ``first_full_min`` only ever comes from an invocation
     that started from scratch (``None`` while none has finished)."""
     total = time.time() - t_start
     prev = read_json(run.st, join_uri(run.plan.root, "study.json")) or {}
     pc = prev.get("compute") or {}
     return {
-        "cores": os.cpu_count(), "cpu_model": cpu_model(), "threads": threads, "load_avg": load,
-        "torch": torch.__version__, "total_min": total / 60, "stages_s": dict(run.timings),
+        "cores": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "threads": threads,
+        "load_avg": load,
+        "torch": torch.__version__,
+        "total_min": total / 60,
+        "stages_s": dict(run.timings),
         "train_min": sum(r["wall_time_s"] for r in train.values()) / 60,
         "train_per_run_min": {n: r["wall_time_s"] / 60 for n, r in train.items()},
         "train_threads": {n: r.get("threads") for n, r in train.items()},
         "s_per_step": {n: r.get("s_per_step") for n, r in train.items()},
         "cumulative_min": float(pc.get("cumulative_min", 0.0)) + total / 60,
         "invocations": int(pc.get("invocations", 0)) + 1,
-        "found_prior_work": prior, "from_scratch": not prior,
+        "found_prior_work": prior,
+        "from_scratch": not prior,
         "first_full_min": pc.get("first_full_min") if prior else total / 60,
         "budget_min": run.plan.sz.budget_min,
     }
 
 
-def _log_study(run: StudyRun, study: Mapping[str, Any], train: Mapping[str, Mapping[str, Any]], ev: Curves,
-               results: Path, figs: Mapping[str, Path]) -> None:
+def _log_study(
+    run: StudyRun,
+    study: Mapping[str, Any],
+    train: Mapping[str, Mapping[str, Any]],
+    ev: Curves,
+    results: Path,
+    figs: Mapping[str, Path],
+) -> None:
     """The study's numbers, report and figures on the parent run; each run's curve and final numbers
     in an ``eval-<run>`` child (nothing is recorded with tracking off)."""
     parent = run.parent

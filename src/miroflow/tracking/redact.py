@@ -13,8 +13,19 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["REDACTED", "MAX_PARAM_VALUE_LENGTH", "MAX_TAG_VALUE_LENGTH", "MAX_KEY_LENGTH", "is_secret_key",
-           "redact_text", "redact", "flatten_params", "sanitize_key", "truncate", "scalar_str"]
+__all__ = [
+    "REDACTED",
+    "MAX_PARAM_VALUE_LENGTH",
+    "MAX_TAG_VALUE_LENGTH",
+    "MAX_KEY_LENGTH",
+    "is_secret_key",
+    "redact_text",
+    "redact",
+    "flatten_params",
+    "sanitize_key",
+    "truncate",
+    "scalar_str",
+]
 
 #: What a redacted value is replaced with.
 REDACTED = "***REDACTED***"
@@ -175,5 +186,3 @@ def flatten_params(d: Any, prefix: str = "", max_value_length: int = MAX_PARAM_V
         else:
             out[sanitize_key(key)] = truncate(scalar_str(v), max_value_length)
     return out
-
-

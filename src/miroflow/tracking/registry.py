@@ -98,5 +98,3 @@ def register_model(
     version = str(mv.version)
     log.info("registered model %s version %s from %s", name, version, source)
     return version
-
-

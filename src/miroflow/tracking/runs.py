@@ -112,5 +112,3 @@ def tracked_run(params: Params, run_name: str, tags: Mapping[str, str] | None = 
         return
     with start_run(params, run_name=run_name, tags=dict(tags or {})) as tracker:
         yield tracker
-
-

@@ -102,8 +102,9 @@ class Tracker(Protocol):
     def set_tags(self, tags: Mapping[str, str]) -> None: ...
     def log_checkpoint(self, uri: str, step: int) -> None: ...
     def register_model(self, checkpoint: str | Path, name: str) -> str | None: ...
-    def child_run(self, run_name: str, params: Mapping[str, Any] | None = None,
-                  tags: Mapping[str, str] | None = None) -> AbstractContextManager["Tracker"]: ...
+    def child_run(
+        self, run_name: str, params: Mapping[str, Any] | None = None, tags: Mapping[str, str] | None = None
+    ) -> AbstractContextManager["Tracker"]: ...
 
 
 class NullTracker:
@@ -140,8 +141,9 @@ class NullTracker:
         return None
 
     @contextmanager
-    def child_run(self, run_name: str, params: Mapping[str, Any] | None = None,
-                  tags: Mapping[str, str] | None = None) -> Iterator["NullTracker"]:
+    def child_run(
+        self, run_name: str, params: Mapping[str, Any] | None = None, tags: Mapping[str, str] | None = None
+    ) -> Iterator["NullTracker"]:
         """Another :class:`NullTracker`."""
         yield NullTracker()
 
@@ -237,9 +239,7 @@ class MlflowTracker:
         from mlflow.entities import RunTag
 
         red = redact(dict(tags))
-        items = [
-            RunTag(sanitize_key(str(k)), truncate(scalar_str(v), MAX_TAG_VALUE_LENGTH)) for k, v in red.items()
-        ]
+        items = [RunTag(sanitize_key(str(k)), truncate(scalar_str(v), MAX_TAG_VALUE_LENGTH)) for k, v in red.items()]
         for i in range(0, len(items), _PARAMS_PER_BATCH):
             self.client.log_batch(self.run_id, tags=items[i : i + _PARAMS_PER_BATCH], synchronous=True)
 

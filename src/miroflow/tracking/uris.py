@@ -71,9 +71,7 @@ def git_info(cwd: str | Path | None = None) -> dict[str, str]:
 
     def git(*args: str) -> str | None:
         try:
-            r = subprocess.run(
-                ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=20, check=False
-            )
+            r = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=20, check=False)
         except (OSError, subprocess.SubprocessError):
             return None
         return r.stdout.strip() if r.returncode == 0 else None
@@ -100,5 +98,3 @@ def file_sha256(path: str | Path) -> str | None:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
