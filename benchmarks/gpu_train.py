@@ -1,22 +1,25 @@
 #!/usr/bin/env python
-"""Training throughput and MFU of the full MIRO step vs. the bare SD3 backbone.
+"""Training throughput and MFU of the library's MIRO train step vs. the bare SD3 backbone.
 
 Measures, in one process on one device:
 
 * **matmul reference**: the rate of a square matmul (bf16 8192³ on CUDA, fp32 1024³ on CPU);
-* **full MIRO step** (``MiroDenoiser``: reward embedder, masked joint attention): random latents
-  ``[B, 4, 32, 32]``, 77 text tokens of width 2048 with random padding, a 7-reward vector with
-  per-reward / whole-vector dropout, logit-normal t, flow-matching loss (``miroflow.flow``),
-  backward, grad-norm clip 2.0, fused AdamW, EMA update of all weights (diffusers ``EMAModel``,
-  foreach; a built-in foreach EMA if diffusers' is unavailable), bf16 autocast on CUDA;
-* **bare step**: a plain diffusers ``SD3Transformer2DModel`` with the same config on the same
-  batch (pooled text only, no mask, no rewards, no clip, no EMA), MSE to the same target.
+* **full MIRO step**: :func:`miroflow.train_step.train_step` on a
+  :class:`~miroflow.train_state.TrainState` built by :func:`miroflow.train_state.create_train_state`
+  from in-memory data: random latents ``[N, 4, 32, 32]``, 77 text tokens of width 2048 with random
+  padding, 7 rewards on the k/63 grid. So exactly what ``miroflow train`` runs: per-reward /
+  whole-vector reward dropout, logit-normal t, flow-matching loss with t-bins, backward, grad-norm
+  clip, AdamW, LR schedule, EMA (diffusers ``EMAModel``), bf16 autocast on CUDA. Drawing the step's
+  inputs (:func:`~miroflow.train_step.make_batch`: gather + host->device copy) is timed separately;
+* **bare step**: a plain diffusers ``SD3Transformer2DModel`` with the same backbone config on the same
+  inputs (pooled text only, no mask, no rewards, no clip, no EMA), MSE to the same target, the same
+  AdamW settings.
 
 FLOPs per image per training step are computed analytically (see ``analytic_flops_per_image``)
-and, unless ``--no-flop-counter``, counted with ``torch.utils.flop_counter.FlopCounterMode`` on one
-forward+backward at batch 1 (attention forced to the math backend so every matmul is seen).
-MFU uses the analytic count (it does not depend on which kernels the counter knows).
-MFU = (FLOPs/img × img/s) ÷ measured matmul FLOP/s (same device, same run).
+and, unless ``--no-flop-counter`` (or ``--compile``), counted with
+``torch.utils.flop_counter.FlopCounterMode`` on one more step of each kind (attention forced to the
+math backend so every matmul is seen). MFU uses the analytic count (it does not depend on which
+kernels the counter knows). MFU = (FLOPs/img × img/s) ÷ measured matmul FLOP/s (same device, same run).
 
 On CPU the default is one intra-op thread (``--threads``): on a shared, loaded CPU OpenMP's
 threads spin against each other and a 2-thread step can be 5-10× slower than a 1-thread one.
@@ -33,23 +36,31 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import math
 import platform
 import resource
 import sys
+import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import diffusers
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from diffusers import SD3Transformer2DModel
+from torch import Tensor
 
-from miroflow.flow import apply_reward_dropout, flow_matching_loss, interpolate, sample_t, velocity_target
-from miroflow.models import MiroDenoiser, count_params, create_denoiser
+from miroflow.config import Params, apply_overrides
+from miroflow.data.train_data import TextArrays, TrainData
+from miroflow.flow import interpolate, velocity_target
+from miroflow.models import MiroDenoiser, TextEmbedding, count_params, create_denoiser
+from miroflow.train_state import DistContext, TrainInputs, TrainState, create_train_state
+from miroflow.train_step import StepBatch, make_batch, train_step
 
 REWARD_NAMES = ["clip_score", "aesthetic", "image_reward", "pick_score", "hpsv2", "vqa_score", "sci_score"]
 TEXT_TOKENS = 77
@@ -57,6 +68,7 @@ TEXT_DIM = 2048
 POOLED_DIM = 2048
 LATENT_CHANNELS = 4
 LATENT_SIZE = 32
+RESOLUTION = 256  # pixels; latents are RESOLUTION / 8 = LATENT_SIZE
 
 
 # --------------------------------------------------------------------------- device helpers
@@ -124,206 +136,196 @@ def matmul_rate(device: torch.device, n: int, dtype: torch.dtype, seconds: float
     return {"n": n, "dtype": str(dtype).replace("torch.", ""), "iters": iters, "tflops": rate / 1e12}
 
 
-# --------------------------------------------------------------------------- batch and models
+# --------------------------------------------------------------------------- in-memory training state
 
 
 @dataclass
-class Batch:
-    """One synthetic training batch (already on the device)."""
+class StandardLatents:
+    """Codec of already-normalised latents ``[N, 4, 32, 32]`` (mean 0, std 1 per channel; no decoder)."""
 
-    x0: Tensor  # [B, 4, 32, 32] latents
-    tokens: Tensor  # [B, 77, 2048]
-    mask: Tensor  # [B, 77] bool
-    pooled: Tensor  # [B, 2048]
-    rewards: Tensor  # [B, 7] bin values k/63
+    channels: int = LATENT_CHANNELS
+    downsample: int = RESOLUTION // LATENT_SIZE
+    mean: Tensor = field(default_factory=lambda: torch.zeros(LATENT_CHANNELS))
+    std: Tensor = field(default_factory=lambda: torch.ones(LATENT_CHANNELS))
 
 
-def make_batch(batch: int, device: torch.device, in_channels: int, sample_size: int, seed: int = 0) -> Batch:
-    """Random latents, text tokens with random lengths, reward bin values on the k/63 grid."""
+class EmptyCaptionEncoder:
+    """A frozen-encoder stand-in: only the empty caption (text dropout) is ever encoded during training."""
+
+    name, dim, pooled_dim, max_length = "synthetic", TEXT_DIM, POOLED_DIM, TEXT_TOKENS
+
+    def encode(self, prompts: list[str]) -> TextEmbedding:
+        """``prompts`` -> zero tokens ``[B, 77, 2048]`` with one real token, zero pooled ``[B, 2048]``."""
+        n = len(prompts)
+        mask = torch.zeros(n, TEXT_TOKENS, dtype=torch.bool)
+        mask[:, 0] = True
+        return TextEmbedding(torch.zeros(n, TEXT_TOKENS, TEXT_DIM), mask, torch.zeros(n, POOLED_DIM))
+
+
+def synthetic_data(n: int, seed: int) -> TrainData:
+    """``n`` samples: latents fp16 ``[n, 4, 32, 32]``, text of random length (zero past the mask), rewards k/63."""
     g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(5, TEXT_TOKENS + 1, (batch,), generator=g)
+    lengths = torch.randint(5, TEXT_TOKENS + 1, (n,), generator=g)
     mask = torch.arange(TEXT_TOKENS)[None, :] < lengths[:, None]
-    return Batch(
-        x0=torch.randn(batch, in_channels, sample_size, sample_size, generator=g).to(device),
-        tokens=torch.randn(batch, TEXT_TOKENS, TEXT_DIM, generator=g).to(device),
-        mask=mask.to(device),
-        pooled=torch.randn(batch, POOLED_DIM, generator=g).to(device),
-        rewards=(torch.randint(0, 64, (batch, len(REWARD_NAMES)), generator=g).float() / 63.0).to(device),
+    tokens = (torch.randn(n, TEXT_TOKENS, TEXT_DIM, generator=g) * mask[..., None]).half()
+    text = TextArrays(tokens, mask, torch.randn(n, POOLED_DIM, generator=g))
+    rewards = torch.randint(0, 64, (n, len(REWARD_NAMES)), generator=g).float() / 63.0
+    latents = torch.randn(n, LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE, generator=g).half()
+    return TrainData(
+        keys=[f"{i:06d}" for i in range(n)],
+        images=None,
+        latents=latents,
+        captions=[""] * n,
+        syn_captions=None,
+        reward_names=list(REWARD_NAMES),
+        rewards=rewards,
+        syn_rewards=None,
+        text=text,
     )
 
 
-def build_full(size: str) -> MiroDenoiser:
-    """The MIRO denoiser of ``size`` conditioned on 7 rewards, text width 2048, 4×32×32 latents."""
-    return create_denoiser(
-        size,
+def bench_params(args: argparse.Namespace, root: str) -> Params:
+    """Training params of the benchmark (paper-like optimiser settings; nothing is written under ``root``)."""
+    return apply_overrides(
+        Params(),
+        [
+            f"storage.root={root}",
+            f"data.resolution={RESOLUTION}",
+            f"train.model={args.size}",
+            "train.latent=vae",
+            f"train.batch_size={args.batch}",
+            "train.lr=1e-4",
+            "train.weight_decay=0",
+            "train.warmup_steps=0",
+            f"train.steps={args.warmup + args.steps + 10}",
+            "train.grad_clip=2.0",
+            "train.ema_decay=0.9999",
+            "train.reward_dropout=0.1",
+            "train.all_reward_dropout=0.05",
+            "train.text_dropout=0.0",
+            f"train.seed={args.seed}",
+            f"train.compile={str(bool(args.compile)).lower()}",
+            f"train.device={args.device}",
+        ],
+    )
+
+
+def build_state(args: argparse.Namespace, device: torch.device, root: str) -> TrainState:
+    """A :class:`TrainState` of the ``args.size`` MIRO denoiser (7 rewards, text width 2048, 4×32×32 latents)."""
+    params = bench_params(args, root)
+    torch.manual_seed(args.seed)
+    model = create_denoiser(
+        args.size,
         reward_names=REWARD_NAMES,
         text_dim=TEXT_DIM,
         pooled_dim=POOLED_DIM,
         in_channels=LATENT_CHANNELS,
         sample_size=LATENT_SIZE,
     )
+    inputs = TrainInputs(
+        synthetic_data(max(2 * args.batch, 16), args.seed),
+        StandardLatents(),
+        model,
+        list(REWARD_NAMES),
+        frozen=EmptyCaptionEncoder(),
+    )
+    return create_train_state(params, inputs, DistContext(device=device))
 
 
-def build_bare(full: MiroDenoiser) -> nn.Module:
-    """A fresh plain diffusers ``SD3Transformer2DModel`` with the full model's backbone config."""
-    from diffusers import SD3Transformer2DModel
-
-    return SD3Transformer2DModel.from_config(dict(full.backbone.config))
+# --------------------------------------------------------------------------- timing
 
 
-class ForeachEMA:
-    """Fallback EMA (``ema = decay·ema + (1-decay)·p`` with foreach lerp) if diffusers' is missing."""
-
-    def __init__(self, params: list[nn.Parameter], decay: float) -> None:
-        self.params = [p for p in params if p.requires_grad]
-        self.shadow = [p.detach().clone() for p in self.params]
-        self.decay = decay
-
-    @torch.no_grad()
-    def step(self, params: Any = None) -> None:
-        """One EMA update."""
-        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - self.decay)
-
-
-def make_ema(model: nn.Module, decay: float) -> tuple[Any, str]:
-    """diffusers ``EMAModel`` (foreach) over ``model``'s parameters, or :class:`ForeachEMA`."""
-    try:
-        from diffusers.training_utils import EMAModel
-    except Exception:  # noqa: BLE001 - optional training extras missing: use our own
-        return ForeachEMA(list(model.parameters()), decay), "foreach_lerp"
-    try:
-        ema = EMAModel(model.parameters(), decay=decay, foreach=True)
-        return ema, "diffusers.EMAModel(foreach)"
-    except TypeError:
-        return EMAModel(model.parameters(), decay=decay), "diffusers.EMAModel"
-
-
-def make_optimizer(model: nn.Module, lr: float = 1e-4) -> tuple[torch.optim.Optimizer, str]:
-    """AdamW fused (falls back to foreach where fused is unsupported)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    try:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True), "fused"
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=True), "foreach"
-
-
-# --------------------------------------------------------------------------- training steps
-
-
-def full_forward_loss(model: Callable[..., Tensor], b: Batch) -> Tensor:
-    """MIRO forward: reward dropout, logit-normal t, x_t, velocity, flow-matching loss."""
-    n = b.x0.shape[0]
-    rewards = apply_reward_dropout(b.rewards, p_each=0.1, p_all=0.05)
-    t = sample_t(n, device=b.x0.device)
-    noise = torch.randn_like(b.x0)
-    x_t = interpolate(b.x0, noise, t)
-    pred = model(x_t, t, b.tokens, b.mask, b.pooled, rewards)
-    loss, _, _ = flow_matching_loss(pred, velocity_target(b.x0, noise), t)
-    return loss
-
-
-def bare_forward_loss(model: Callable[..., Any], b: Batch) -> Tensor:
-    """Bare SD3 forward on the same batch: no rewards, no mask; plain MSE."""
-    n = b.x0.shape[0]
-    t = sample_t(n, device=b.x0.device)
-    noise = torch.randn_like(b.x0)
-    x_t = interpolate(b.x0, noise, t)
-    pred = model(
-        hidden_states=x_t,
-        encoder_hidden_states=b.tokens,
-        pooled_projections=b.pooled,
-        timestep=t * 1000.0,
-        return_dict=False,
-    )[0]
-    return F.mse_loss(pred.float(), velocity_target(b.x0, noise).float())
-
-
-def time_training(
-    step: Callable[[], Tensor], device: torch.device, steps: int, warmup: int
-) -> tuple[float, float, list[float]]:
-    """Run ``warmup`` then ``steps`` steps; returns (mean seconds/step, last loss, warm-up seconds)."""
-    warm_times: list[float] = []
-    loss = torch.zeros(())
-    for _ in range(warmup):
+def time_steps(step: Callable[[], float], device: torch.device, steps: int, warmup: int) -> dict[str, Any]:
+    """``warmup`` then ``steps`` calls of ``step`` (returns the loss; timed one by one, synchronised)."""
+    times: list[float] = []
+    loss = float("nan")
+    for i in range(warmup + steps):
+        sync(device)
         t0 = time.perf_counter()
         loss = step()
         sync(device)
-        warm_times.append(time.perf_counter() - t0)
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    sync(device)
-    dt = (time.perf_counter() - t0) / max(steps, 1)
-    return dt, float(loss.detach().float().cpu()), warm_times
+        times.append(time.perf_counter() - t0)
+    timed = times[warmup:]
+    return {"step_s": sum(timed) / max(1, len(timed)), "final_loss": loss, "first_step_s": times[0] if times else None}
 
 
-def bench_full(args: argparse.Namespace, device: torch.device, amp: torch.dtype | None, b: Batch) -> dict[str, Any]:
-    """Throughput of the full MIRO training step."""
-    model = build_full(args.size).to(device).train()
-    opt, opt_kind = make_optimizer(model)
-    ema, ema_kind = make_ema(model, decay=0.9999)
-    fwd: Callable[..., Tensor] = torch.compile(model) if args.compile else model
-    params = [p for p in model.parameters() if p.requires_grad]
+def bench_full(args: argparse.Namespace, state: TrainState) -> dict[str, Any]:
+    """Throughput of the library's ``train_step`` (``make_batch`` timed apart)."""
+    device, batch_s = state.device, []
 
-    def step() -> Tensor:
-        with autocast(device, amp):
-            loss = full_forward_loss(fwd, b)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 2.0, foreach=True)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        ema.step(params)
-        return loss
+    def step() -> float:
+        t0 = time.perf_counter()
+        batch = make_batch(state)
+        sync(device)
+        batch_s.append(time.perf_counter() - t0)
+        return train_step(state, batch).loss
 
     reset_peak(device)
-    dt, loss, warm = time_training(step, device, args.steps, args.warmup)
-    out = {
+    out = time_steps(step, device, args.steps, args.warmup)
+    model = state.net.denoiser
+    assert isinstance(model, MiroDenoiser)
+    return {
+        **out,
+        "img_s": args.batch / out["step_s"],
+        "make_batch_s": sum(batch_s[args.warmup :]) / max(1, args.steps),
         "params": count_params(model),
         "reward_embedder_params": count_params(model.reward_embedder),
-        "step_s": dt,
-        "img_s": args.batch / dt,
-        "final_loss": loss,
-        "first_step_s": warm[0] if warm else None,
         "peak_mem_gib": peak_gib(device),
-        "optimizer": f"AdamW({opt_kind})",
-        "ema": ema_kind,
+        "optimizer": type(state.opt).__name__,
+        "ema": type(state.ema).__name__,
+        "step_impl": "miroflow.train_step.train_step",
     }
-    del model, opt, ema, fwd, params
-    reset_peak(device)
-    return out
+
+
+def bare_loss(model: Callable[..., Any], b: StepBatch) -> Tensor:
+    """Bare SD3 forward on the step's inputs: no rewards, no mask; plain MSE to the velocity."""
+    assert b.text is not None
+    x_t = interpolate(b.x0, b.noise, b.t)
+    pred = model(
+        hidden_states=x_t,
+        encoder_hidden_states=b.text.tokens,
+        pooled_projections=b.text.pooled,
+        timestep=b.t * 1000.0,
+        return_dict=False,
+    )[0]
+    return F.mse_loss(pred.float(), velocity_target(b.x0, b.noise).float())
 
 
 def bench_bare(
-    args: argparse.Namespace, device: torch.device, amp: torch.dtype | None, b: Batch, template: MiroDenoiser
-) -> dict[str, Any]:
-    """Throughput of the bare SD3 backbone on the same batch."""
-    model = build_bare(template).to(device).train()
-    opt, opt_kind = make_optimizer(model)
+    args: argparse.Namespace,
+    backbone_config: dict[str, Any],
+    b: StepBatch,
+    amp: torch.dtype | None,
+    lr: float,
+    weight_decay: float,
+) -> tuple[dict[str, Any], float | None]:
+    """Throughput of the bare backbone on one fixed batch; also its counted FLOPs per image."""
+    device = b.x0.device
+    model = SD3Transformer2DModel.from_config(backbone_config).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     fwd: Callable[..., Any] = torch.compile(model) if args.compile else model
 
-    def step() -> Tensor:
+    def loss_fn() -> Tensor:
         with autocast(device, amp):
-            loss = bare_forward_loss(fwd, b)
+            return bare_loss(fwd, b)
+
+    def step() -> float:
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn()
         loss.backward()
         opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
+        return float(loss.detach())
 
     reset_peak(device)
-    dt, loss, warm = time_training(step, device, args.steps, args.warmup)
-    out = {
-        "params": count_params(model),
-        "step_s": dt,
-        "img_s": args.batch / dt,
-        "final_loss": loss,
-        "first_step_s": warm[0] if warm else None,
-        "peak_mem_gib": peak_gib(device),
-        "optimizer": f"AdamW({opt_kind})",
-    }
-    del model, opt, fwd
-    reset_peak(device)
-    return out
+    out = time_steps(step, device, args.steps, args.warmup)
+    out.update(
+        img_s=args.batch / out["step_s"],
+        params=count_params(model),
+        peak_mem_gib=peak_gib(device),
+        optimizer=type(opt).__name__,
+    )
+    flops = counted_flops(loss_fn, backward=True) if args.flop_counter and not args.compile else None
+    return out, flops / args.batch if flops else None
 
 
 # --------------------------------------------------------------------------- FLOPs
@@ -367,35 +369,24 @@ def analytic_flops_per_image(model: MiroDenoiser, with_rewards: bool, text_token
     return 2.0 * (2 * first + 3 * inner)
 
 
-def counted_flops_per_image(fn: Callable[[], Tensor]) -> float | None:
-    """FLOPs of one forward+backward (batch 1) counted by ``FlopCounterMode`` (None if unavailable)."""
+def counted_flops(fn: Callable[[], Any], backward: bool = False) -> float | None:
+    """FLOPs of ``fn()`` (and of ``fn().backward()`` when ``backward``) counted by ``FlopCounterMode``."""
     try:
-        from torch.utils.flop_counter import FlopCounterMode
+        from torch.utils.flop_counter import FlopCounterMode  # optional: older torch has no counter
     except ImportError:
         return None
     counter = FlopCounterMode(display=False)
     try:  # the math backend decomposes attention into matmuls the counter knows
-        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from torch.nn.attention import SDPBackend, sdpa_kernel  # optional: older torch
 
         backend: contextlib.AbstractContextManager[Any] = sdpa_kernel(SDPBackend.MATH)
     except ImportError:
         backend = contextlib.nullcontext()
     with backend, counter:
-        loss = fn()
-        loss.backward()
+        out = fn()
+        if backward:
+            out.backward()
     return float(counter.get_total_flops())
-
-
-def measure_counted_flops(size: str, device: torch.device) -> dict[str, float | None]:
-    """Counted training FLOPs per image for the full and the bare model (fp32, batch 1)."""
-    b = make_batch(1, device, LATENT_CHANNELS, LATENT_SIZE, seed=1)
-    full = build_full(size).to(device)
-    f_full = counted_flops_per_image(lambda: full_forward_loss(full, b))
-    bare = build_bare(full).to(device)
-    f_bare = counted_flops_per_image(lambda: bare_forward_loss(bare, b))
-    del full, bare
-    reset_peak(device)
-    return {"full": f_full, "bare": f_bare}
 
 
 # --------------------------------------------------------------------------- main
@@ -449,6 +440,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
+    args.device = str(device)
     args.size = args.size or ("paper" if cuda else "tiny")
     args.batch = args.batch or (128 if cuda else 8)
     args.steps = args.steps or (30 if cuda else 3)
@@ -459,41 +451,48 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     matmul_n = args.matmul_size or (8192 if cuda else 1024)
     amp = torch.bfloat16 if cuda else None
-    torch.manual_seed(args.seed)
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     t_start = time.perf_counter()
 
     ref = matmul_rate(device, matmul_n, torch.bfloat16 if cuda else torch.float32, seconds=2.0 if cuda else 1.0)
-    template = build_full(args.size)
-    flops = {
-        "analytic_full": analytic_flops_per_image(template, with_rewards=True),
-        "analytic_bare": analytic_flops_per_image(template, with_rewards=False),
-    }
-    if args.flop_counter:
-        counted = measure_counted_flops(args.size, device)
-        flops["counter_full"] = counted["full"]
-        flops["counter_bare"] = counted["bare"]
-    b = make_batch(args.batch, device, LATENT_CHANNELS, LATENT_SIZE, seed=args.seed)
-
-    full = bench_full(args, device, amp, b)
-    bare = None if args.skip_bare else bench_bare(args, device, amp, b, template)
+    with tempfile.TemporaryDirectory(prefix="miroflow-bench-") as root:
+        state = build_state(args, device, root)
+        template = state.net.denoiser
+        assert isinstance(template, MiroDenoiser)
+        cfg, backbone_config = template.config, dict(template.backbone.config)  # type: ignore[attr-defined]
+        flops: dict[str, float | None] = {
+            "analytic_full": analytic_flops_per_image(template, with_rewards=True),
+            "analytic_bare": analytic_flops_per_image(template, with_rewards=False),
+        }
+        full = bench_full(args, state)
+        if args.flop_counter and not args.compile:
+            b = make_batch(state)
+            f = counted_flops(functools.partial(train_step, state, b))
+            flops["counter_full"] = f / args.batch if f else None
+        bare_batch = make_batch(state)
+        lr, wd = state.params.train.lr, state.params.train.weight_decay
+        del state, template
+    reset_peak(device)
+    bare = None
+    if not args.skip_bare:
+        bare, flops["counter_bare"] = bench_bare(args, backbone_config, bare_batch, amp, lr, wd)
+        reset_peak(device)
 
     ref_flops = ref["tflops"] * 1e12
-    f_full = flops["analytic_full"]
-    f_bare = flops["analytic_bare"]
+    counter_full = flops.get("counter_full")
+    f_full, f_bare = float(flops["analytic_full"] or 0.0), float(flops["analytic_bare"] or 0.0)
 
     def mfu(img_s: float, f: float) -> float:
         return img_s * f / ref_flops
 
-    cfg = template.config
     summary: dict[str, Any] = {
         "size": args.size,
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
         "torch": torch.__version__,
-        "diffusers": __import__("diffusers").__version__,
+        "diffusers": diffusers.__version__,
         "precision": "bf16 autocast" if amp is not None else "fp32",
         "compile": bool(args.compile),
         "batch": args.batch,
@@ -519,7 +518,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "achieved_tflops_bare": bare["img_s"] * f_bare / 1e12 if bare else None,
         "mfu_full": mfu(full["img_s"], f_full),
         "mfu_bare": mfu(bare["img_s"], f_bare) if bare else None,
-        "mfu_full_counter": mfu(full["img_s"], flops["counter_full"]) if flops.get("counter_full") else None,
+        "mfu_full_counter": mfu(full["img_s"], counter_full) if counter_full else None,
         "peak_mem_gib_full": full["peak_mem_gib"],
         "peak_mem_gib_bare": bare["peak_mem_gib"] if bare else None,
         "peak_mem_note": "torch.cuda.max_memory_allocated per variant" if cuda else "process max RSS so far (CPU)",

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from miroflow.config import ParamsError, apply_overrides, load_params
-from miroflow.study import StudyConfig, _choose_threads, budget_line, load_study_config, run_study, speedup
+from miroflow.study import StudyConfig, choose_threads, budget_line, load_study_config, run_study, speedup
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -53,9 +53,9 @@ def test_study_yaml_is_valid_and_strict(tmp_path: Path) -> None:
 
 def test_thread_choice_ignores_the_studys_own_load() -> None:
     cores = os.cpu_count() or 1
-    assert _choose_threads(3) == 3 and _choose_threads(0) == 1  # explicit settings win, at least one thread
+    assert choose_threads(3) == 3 and choose_threads(0) == 1  # explicit settings win, at least one thread
     # whatever the machine's load, the part this process put there itself never forces one thread
-    assert _choose_threads("auto", own_load=1e9) == cores
+    assert choose_threads("auto", own_load=1e9) == cores
 
 
 def test_budget_line_and_bad_budget(tmp_path: Path) -> None:

@@ -22,8 +22,9 @@ stopped):
    per best-of-N model, per run's evaluations and per sweep point).
 
 Modules: :mod:`~miroflow.study.config` (``study.yaml``, the validated plan),
-:mod:`~miroflow.study.runner` (the stages, :func:`run_study`), :mod:`~miroflow.study.report`
-(claims, speed-ups, figures, ``results.md``), :mod:`~miroflow.study.machine` (threads, CPU).
+:mod:`~miroflow.study.runner` (the stages), :mod:`~miroflow.study.run` (:func:`run_study`),
+:mod:`~miroflow.study.report` (claims, speed-ups, figures, ``results.md``), :mod:`~miroflow.study.machine`
+(threads, CPU).
 
 Artifacts live under ``<storage.root>/study/<size>/`` (shards, scores, runs, eval, tts, sweeps,
 ``study.json``); the local manifests DVC-style stages need are under ``<that dir>/manifests`` for
@@ -41,7 +42,7 @@ from miroflow.study.config import (
 )
 from miroflow.study.machine import choose_threads
 from miroflow.study.report import budget_line, judge_claims, speedup
-from miroflow.study.runner import run_study
+from miroflow.study.run import run_study
 
 __all__ = [
     "PlannedRun",
