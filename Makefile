@@ -35,8 +35,8 @@ demo: install
 
 # ruff (lint + format check), the layer contract and mypy against its shrinking baseline
 lint: install
-	$(VENV)/bin/ruff check src flows tests .ci
-	$(VENV)/bin/ruff format --check -q src flows tests .ci
+	$(VENV)/bin/ruff check src flows tests benchmarks .ci
+	$(VENV)/bin/ruff format --check -q src flows tests benchmarks .ci
 	$(VENV)/bin/lint-imports --no-cache
 	$(PY) .ci/mypy_baseline.py
 

@@ -28,8 +28,8 @@ from tqdm import tqdm
 from miroflow.config import Params
 from miroflow.data.shards import decode_image, iter_shard
 from miroflow.prepare import run_prepare
-from miroflow.rewards import Reward
-from miroflow.score import _to_batch, clear_reward_cache, load_rewards, score_shard
+from miroflow.rewards import Reward, clear_reward_cache, load_rewards
+from miroflow.score_engine import score_shard, to_batch
 from miroflow.storage import Storage, join_uri
 
 
@@ -90,7 +90,7 @@ def main() -> None:
             batches[uri] = []
             for i in range(0, len(recs), args.batch_size):
                 chunk = recs[i : i + args.batch_size]
-                images = _to_batch([decode_image(r["image_bytes"]) for r in chunk])
+                images = to_batch([decode_image(r["image_bytes"]) for r in chunk])
                 syn = [r["json"]["captions"]["synthetic"] for r in chunk] if args.synthetic else None
                 batches[uri].append((images, [r["txt"] for r in chunk], syn))
         pure_forward(rewards, batches[shards[0]][:1])  # build + warm up every reward

@@ -30,6 +30,7 @@ import torch
 
 from miroflow.config import Params
 from miroflow.models.denoiser import MODEL_SIZES, MiroDenoiser
+from miroflow.models.text import LearnedTokenEncoder
 from miroflow.storage import Storage, join_uri
 
 __all__ = [
@@ -250,8 +251,6 @@ class ResumeState:
 def _load_learned(d: Path) -> torch.nn.Module | None:
     if not (d / "text_encoder.json").is_file():
         return None
-    from miroflow.models.text import LearnedTokenEncoder
-
     return LearnedTokenEncoder.from_pretrained(d)
 
 

@@ -20,7 +20,7 @@ import hashlib
 import json
 import logging
 import re
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -30,7 +30,14 @@ from tqdm.auto import tqdm
 from miroflow.config import Params
 from miroflow.data.hashing import data_hash
 from miroflow.data.shards import decode_image, iter_shard, read_manifest
-from miroflow.data.sidecars import EMBED_FORMAT, encode_captions, read_sidecar_header, record_captions, sidecar_bytes
+from miroflow.data.sidecars import (
+    EMBED_FORMAT,
+    embeds_manifest_path,
+    encode_captions,
+    read_sidecar_header,
+    record_captions,
+    sidecar_bytes,
+)
 from miroflow.models import create_codec, create_text_encoder
 from miroflow.models.text import TextEncoder
 from miroflow.storage import Storage, from_config, join_uri
@@ -59,11 +66,6 @@ def encoder_slug(spec: str) -> str:
 def embeds_prefix(params: Params) -> str:
     """``<root>/embeds/<data-hash>/<encoder-slug>``."""
     return join_uri(params.storage.root, "embeds", data_hash(params.data), encoder_slug(params.train.text_encoder))
-
-
-def embeds_manifest_path(params: Params) -> Path:
-    """Local manifest of the embed stage: ``embeds.json`` next to ``data.manifest``."""
-    return Path(params.data.manifest).parent / "embeds.json"
 
 
 def sidecar_uri(params: Params, shard_uri: str) -> str:

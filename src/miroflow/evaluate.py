@@ -33,21 +33,21 @@ import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from miroflow.config import Params, ScoreConfig
+from miroflow.pipeline import MiroPipeline, load_pipeline
 from miroflow.prompts import PromptItem, load_prompt_set
 from miroflow.results import eval_metrics
-from miroflow.storage import Storage, join_uri
+from miroflow.rewards import load_rewards
+from miroflow.rewards.shapes_judge import judge, parse_caption
+from miroflow.storage import Storage, from_config, join_uri
 from miroflow.tracking import NullTracker, Tracker
 from miroflow.util import png_bytes, resolve_device
-
-if TYPE_CHECKING:  # pragma: no cover
-    from miroflow.pipeline import MiroPipeline
 
 __all__ = [
     "sample_seed",
@@ -85,7 +85,7 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 
 def generate(
-    pipeline: "MiroPipeline",
+    pipeline: MiroPipeline,
     prompts: Sequence[str],
     seeds: Sequence[int],
     guidance_scale: float = 0.0,
@@ -158,8 +158,6 @@ def score_images(
     Raises:
         RewardNotFound: an unknown reward name (lists the valid ones).
     """
-    from miroflow.rewards import load_rewards
-
     n = int(np.asarray(images).shape[0]) if len(np.asarray(images).shape) else 0
     if len(prompts) != n:
         raise ValueError(f"score_images: {n} images but {len(prompts)} prompts")
@@ -180,8 +178,6 @@ def score_images(
 
 def judge_images(images: np.ndarray, prompts: Sequence[str]) -> list[dict[str, Any] | None]:
     """Shapes-judge verdicts: ``{"correct", "judge_score", "category"}`` per image, ``None`` if unparseable."""
-    from miroflow.rewards.shapes_judge import judge, parse_caption
-
     arr = np.asarray(images)
     out: list[dict[str, Any] | None] = []
     for img, prompt in zip(arr, prompts):
@@ -241,12 +237,10 @@ def _grid(images: list[np.ndarray], cols: int = 4) -> np.ndarray:
 
 
 def ensure_pipeline(
-    params: Params, storage: Storage, pipeline: "MiroPipeline | None" = None
-) -> tuple["MiroPipeline", str | None]:
+    params: Params, storage: Storage, pipeline: MiroPipeline | None = None
+) -> tuple[MiroPipeline, str | None]:
     """The given pipeline, or the one loaded from ``eval.checkpoint`` / the latest checkpoint of
     ``train.run_name``; progress bars off. Returns ``(pipeline, checkpoint URI or None)``."""
-    from miroflow.pipeline import load_pipeline
-
     if pipeline is None:
         checkpoint = resolve_checkpoint(params, storage)
         pipeline = load_pipeline(checkpoint, storage=storage, device=str(resolve_device()))
@@ -259,7 +253,7 @@ def ensure_pipeline(
 # --------------------------------------------------------------------------- the stage
 def run_evaluate(
     params: Params,
-    pipeline: "MiroPipeline | None" = None,
+    pipeline: MiroPipeline | None = None,
     storage: Storage | None = None,
     out_uri: str | None = None,
     tracker: Tracker | None = None,
@@ -286,8 +280,6 @@ def run_evaluate(
         resolved for the model), ``checkpoint``, ``prompt_set``, ``steps``, ``seed``,
         ``images_per_prompt``, ``output``, ``model``.
     """
-    from miroflow.storage import from_config
-
     ev = params.eval
     st = storage or from_config(params.storage)
     pipeline, checkpoint = ensure_pipeline(params, st, pipeline)
@@ -408,7 +400,7 @@ def run_evaluate(
 
 
 def eval_fingerprint(
-    pipeline: "MiroPipeline",
+    pipeline: MiroPipeline,
     checkpoint: str | None,
     ev: Any,
     reward_names: Sequence[str],

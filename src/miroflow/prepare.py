@@ -20,9 +20,7 @@ from miroflow.data.shapes import iter_samples
 from miroflow.data.shards import write_manifest, write_shard
 from miroflow.storage import Storage, from_config, join_uri, sha256_bytes
 
-# data_hash: compatibility re-export for train.py (``from miroflow.prepare import data_hash``);
-# remove it once that imports miroflow.data.hashing.
-__all__ = ["shards_prefix", "run_prepare", "data_hash"]
+__all__ = ["shards_prefix", "run_prepare"]
 
 log = logging.getLogger(__name__)
 

@@ -56,13 +56,7 @@ __all__ = [
     "score_shard",
     "run_score",
     "run_bin",
-    # Compatibility re-exports for callers outside this refactor (remove once they import the new homes):
-    "load_rewards",  # miroflow.rewards — flows/score_dataset.py, benchmarks/scoring.py
-    "clear_reward_cache",  # miroflow.rewards — tests/flows/test_score_flow.py, benchmarks/scoring.py
-    "load_score_table",  # miroflow.data.score_tables — tests/flows/test_score_flow.py
-    "write_score_manifest",  # miroflow.data.score_tables — flows/score_dataset.py
 ]
-# Also kept for benchmarks/scoring.py: ``_to_batch`` (= miroflow.score_engine.to_batch).
 
 log = logging.getLogger(__name__)
 

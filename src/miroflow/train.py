@@ -25,6 +25,7 @@ from miroflow.checkpoint import checkpoint_uri, latest_checkpoint, load_for_resu
 from miroflow.conditioning import BinSet, load_bins
 from miroflow.config import Params
 from miroflow.data.hashing import data_hash
+from miroflow.data.sidecars import embeds_manifest_path
 from miroflow.data.train_data import load_train_data
 from miroflow.flow import euler_sample
 from miroflow.models import create_codec, create_denoiser, create_text_encoder
@@ -46,7 +47,7 @@ __all__ = ["TrainOutput", "resolve_reward_names", "build_train_state", "log_samp
 
 
 # --------------------------------------------------------------------------- seams: rewards, data hash, embeds
-# The only places training touches miroflow.rewards, miroflow.prepare.data_hash and miroflow.embed.
+# The only places training touches miroflow.rewards, the data hash and the embed stage's manifest.
 
 
 def _reward_means(names: list[str], images: Tensor, prompts: list[str], cache: object = None) -> dict[str, float]:
@@ -56,15 +57,12 @@ def _reward_means(names: list[str], images: Tensor, prompts: list[str], cache: o
 
 
 def _data_hash(params: Params) -> str:
-    """``miroflow.prepare.data_hash`` of ``params.data``."""
-
+    """``miroflow.data.hashing.data_hash`` of ``params.data``."""
     return data_hash(params.data)
 
 
 def _embeds_manifest(params: Params) -> Path:
     """The embed stage's local manifest (``embeds.json`` next to ``data.manifest``)."""
-    from miroflow.embed import embeds_manifest_path  # lazy: left as it was until the embed stage moves
-
     return embeds_manifest_path(params)
 
 

@@ -14,10 +14,11 @@ import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from diffusers.training_utils import EMAModel
 from torch import Tensor, nn
 
 from miroflow.checkpoint import ResumeState, run_uri, save_checkpoint
@@ -26,9 +27,6 @@ from miroflow.data.train_data import GlobalBatchOrder, TextArrays, TrainData, ra
 from miroflow.models import MiroDenoiser, TextEncoder
 from miroflow.storage import Storage, from_config
 from miroflow.tracking import NullTracker, Tracker
-
-if TYPE_CHECKING:
-    from diffusers.training_utils import EMAModel
 
 __all__ = [
     "DistContext",
@@ -116,7 +114,7 @@ def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], floa
 class TrainNet(nn.Module):
     """Denoiser + optional trainable text encoder, one module so DDP sees all parameters."""
 
-    def __init__(self, denoiser: nn.Module, text: nn.Module | None) -> None:
+    def __init__(self, denoiser: MiroDenoiser, text: nn.Module | None) -> None:
         super().__init__()
         self.denoiser, self.text = denoiser, text
 
@@ -220,8 +218,6 @@ def create_train_state(
     Raises:
         ValueError: see :func:`check_train_config`.
     """
-    from diffusers.training_utils import EMAModel  # lazy: diffusers takes seconds to import, the CLI imports us
-
     tp = params.train
     ctx = ctx or DistContext()
     check_train_config(tp, ctx.world)
@@ -314,7 +310,7 @@ def save_train_checkpoint(state: TrainState, uri: str) -> str:
         uri,
         state.storage,
         state.net.denoiser,
-        state.ema_net.denoiser,  # type: ignore[arg-type]
+        state.ema_net.denoiser,
         dict(state.miro, step=state.step),
         ts,
         state.net.text,

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from miroflow.config import ParamsError, apply_overrides, load_params
-from miroflow.study import StudyConfig, choose_threads, budget_line, load_study_config, run_study, speedup
+from miroflow.study import StudyConfig, budget_line, choose_threads, load_study_config, run_study, speedup
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -80,6 +80,12 @@ def test_quick_study_end_to_end_and_resume(tmp_path: Path) -> None:
         [f"storage.root={tmp_path / 'store'}", f"tracking.tracking_uri=sqlite:///{db}"],
     )
     cfg = load_study_config(REPO / "study.yaml")
+    # seeds other than the repository's (which start at 0): the study must not assume seed 0 exists
+    doc = cfg.model_dump()
+    for r in doc["runs"]:
+        r["seeds"] = [s + 3 for s in r["seeds"]]
+    cfg = StudyConfig.model_validate(doc)
+    assert 0 not in {s for r in cfg.runs for s in r.seeds}
     out = tmp_path / "docs"
 
     study = run_study(params, "quick", out_dir=out, study_config=cfg)

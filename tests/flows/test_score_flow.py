@@ -9,8 +9,9 @@ from uuid import UUID
 import pytest
 
 from miroflow.config import Params
+from miroflow.data.score_tables import load_score_table
 from miroflow.prepare import run_prepare
-from miroflow.score import clear_reward_cache, load_score_table
+from miroflow.rewards import clear_reward_cache
 
 
 def _params(tmp: Path, executor: str = "thread") -> Params:

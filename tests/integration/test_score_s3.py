@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 
 from miroflow.config import Params
-from miroflow.prepare import data_hash, run_prepare
-from miroflow.score import clear_reward_cache, load_score_table, run_bin, run_score
+from miroflow.data.hashing import data_hash
+from miroflow.data.score_tables import load_score_table
+from miroflow.prepare import run_prepare
+from miroflow.rewards import clear_reward_cache
+from miroflow.score import run_bin, run_score
 from miroflow.storage import Storage
 
 

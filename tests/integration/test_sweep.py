@@ -128,7 +128,9 @@ def test_sweep_logs_one_child_run_per_point_and_plots_on_the_parent(
     out = tmp_path / "store" / "sweeps" / "tiny-sweep"
     assert doc["output"] == str(out)
     saved = json.loads((out / "sweep.json").read_text())
-    assert saved == doc
+    # the output dir's sweep.json is the sweep's own record; the manifest adds only where it was written
+    assert doc["manifest"] == str(tmp_path / "manifests" / "sweep-tiny.json")
+    assert saved == {k: v for k, v in doc.items() if k != "manifest"}
     for fname in ("guidance.png", "target_contrast.png", "tts.png", "grid_best_of_n.png"):
         assert (out / "plots" / fname).stat().st_size > 1000
     assert (out / "best_of_n" / "tts.json").is_file() and not (out / "tts").exists()

@@ -23,9 +23,10 @@ from PIL import Image
 
 from miroflow.conditioning import load_bins
 from miroflow.config import Params
+from miroflow.data.hashing import data_hash
 from miroflow.data.score_tables import ScoreError, failures_uri, load_score_table, read_table_meta
 from miroflow.data.shards import decode_image, iter_shard, read_manifest
-from miroflow.prepare import data_hash, run_prepare
+from miroflow.prepare import run_prepare
 from miroflow.rewards import RewardNotFound, clear_reward_cache, load_rewards, register_reward
 from miroflow.score import run_bin, run_score, score_table_uri
 from miroflow.score_engine import score_shard

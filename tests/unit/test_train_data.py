@@ -12,9 +12,9 @@ import torch
 from miroflow.conditioning import load_bins
 from miroflow.config import Params, apply_overrides
 from miroflow.data.score_tables import load_score_table
-from miroflow.data.sidecars import read_sidecar, read_sidecar_header
+from miroflow.data.sidecars import embeds_manifest_path, read_sidecar, read_sidecar_header
 from miroflow.data.train_data import GlobalBatchOrder, load_train_data, rank_slice, step_seed
-from miroflow.embed import embeds_manifest_path, run_embed
+from miroflow.embed import run_embed
 from miroflow.models import create_text_encoder
 from miroflow.prepare import run_prepare
 from miroflow.score import run_bin, run_score

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import json
 import struct
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load, save
 
+from miroflow.config import Params
 from miroflow.storage import Storage
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -31,6 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "EMBED_FORMAT",
+    "embeds_manifest_path",
     "read_sidecar_header",
     "read_sidecar",
     "sidecar_bytes",
@@ -41,6 +44,11 @@ __all__ = [
 #: Version of the sidecar layout recorded in its metadata (``format``).
 EMBED_FORMAT = 1
 _MAX_HEADER = 100_000_000
+
+
+def embeds_manifest_path(params: Params) -> Path:
+    """Local manifest of the embed stage: ``embeds.json`` next to ``data.manifest``."""
+    return Path(params.data.manifest).parent / "embeds.json"
 
 
 def read_sidecar_header(uri: str, storage: Storage) -> dict[str, str] | None:

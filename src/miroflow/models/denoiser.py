@@ -32,6 +32,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from miroflow.models.reward_embedding import RewardEmbedder
@@ -327,8 +328,6 @@ class MiroDenoiser(nn.Module):
     # ----------------------------------------------------------- checkpoints
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``config.json`` + ``model.safetensors`` into ``directory``; returns it."""
-        from safetensors.torch import save_file
-
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
@@ -343,8 +342,6 @@ class MiroDenoiser(nn.Module):
         cls, directory: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
     ) -> "MiroDenoiser":
         """Rebuild from ``config.json`` and load ``model.safetensors`` strictly."""
-        from safetensors.torch import load_file
-
         d = Path(directory)
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             if not (d / name).is_file():

@@ -34,6 +34,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 __all__ = [
@@ -233,7 +234,7 @@ class MiniLMEncoder(_FrozenEncoder):
         path: str | Path | None = None,
         cache_size: int = 4096,
     ) -> None:
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel, AutoTokenizer  # lazy: transformers takes seconds to import
 
         super().__init__(device, max_length, cache_size)
         src = str(path) if path is not None else str(minilm_model_dir())
@@ -262,7 +263,7 @@ class T5Encoder(_FrozenEncoder):
         cache_size: int = 4096,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        from transformers import AutoTokenizer, T5EncoderModel
+        from transformers import AutoTokenizer, T5EncoderModel  # lazy: transformers takes seconds to import
 
         super().__init__(device, max_length, cache_size)
         self.name = f"t5:{path}"
@@ -290,7 +291,10 @@ class CLIPTextEncoder(_FrozenEncoder):
         cache_size: int = 4096,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        from transformers import AutoTokenizer, CLIPTextModelWithProjection
+        from transformers import (  # lazy: transformers takes seconds to import
+            AutoTokenizer,
+            CLIPTextModelWithProjection,
+        )
 
         super().__init__(device, max_length, cache_size)
         self.name = f"clip:{path}"
@@ -382,8 +386,6 @@ class LearnedTokenEncoder(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``text_encoder.json`` + ``text_encoder.safetensors`` into ``directory``."""
-        from safetensors.torch import save_file
-
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         (d / "text_encoder.json").write_text(json.dumps(self.get_config()) + "\n")
@@ -396,8 +398,6 @@ class LearnedTokenEncoder(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "LearnedTokenEncoder":
         """Inverse of :meth:`save_pretrained`."""
-        from safetensors.torch import load_file
-
         d = Path(directory)
         cfg = d / "text_encoder.json"
         if not cfg.is_file():

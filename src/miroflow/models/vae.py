@@ -91,7 +91,7 @@ class VAECodec:
         sample: bool = False,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        from diffusers import AutoencoderKL
+        from diffusers import AutoencoderKL  # lazy: diffusers takes seconds to import
 
         self.path = path
         self.device = torch.device(device)

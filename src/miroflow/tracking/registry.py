@@ -66,8 +66,8 @@ def register_model(
     ``artifact_path``), a ``runs:/<id>/<path>`` URI, or the path of an artifact already in the run.
     The registered model ``name`` is created if it does not exist.
     """
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
+    from mlflow import MlflowClient  # lazy: mlflow takes seconds to import; untracked runs never need it
+    from mlflow.exceptions import MlflowException  # lazy: mlflow takes seconds to import; untracked runs never need it
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or resolve_tracking_uri(None)
     client = MlflowClient(tracking_uri=uri, registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or uri)

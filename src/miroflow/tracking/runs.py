@@ -52,7 +52,7 @@ def start_run(
     started by ``start_run`` in this thread as the parent (or MLflow's fluent active run).
     On exit the run is ``FINISHED``, or ``FAILED`` if an exception escaped.
     """
-    from mlflow import MlflowClient
+    from mlflow import MlflowClient  # lazy: mlflow takes seconds to import; untracked runs never need it
 
     uri = resolve_tracking_uri(params.tracking)
     client = MlflowClient(tracking_uri=uri, registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or uri)
@@ -62,7 +62,7 @@ def start_run(
         if stack:
             parent_run_id = stack[-1].run_id
         else:
-            import mlflow
+            import mlflow  # lazy: mlflow takes seconds to import; untracked runs never need it
 
             active = mlflow.active_run()
             if active is None:

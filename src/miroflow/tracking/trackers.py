@@ -27,7 +27,7 @@ from miroflow.tracking.registry import register_model
 from miroflow.tracking.uris import absolute_uri, default_artifact_location, safe_uri
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    from mlflow import MlflowClient
+    from mlflow import MlflowClient  # lazy: mlflow takes seconds to import; untracked runs never need it
 
 __all__ = ["Tracker", "NullTracker", "MlflowTracker", "create_run", "get_or_create_experiment"]
 
@@ -192,7 +192,7 @@ class MlflowTracker:
     # -------------------------------------------------------------- logging
     def log_params(self, params: dict[str, Any]) -> None:
         """Log ``params`` redacted, flattened to dotted keys, values truncated, in batches of 100."""
-        from mlflow.entities import Param
+        from mlflow.entities import Param  # lazy: mlflow takes seconds to import; untracked runs never need it
 
         flat = flatten_params(redact(params))
         items = [Param(k, v) for k, v in flat.items()]
@@ -202,7 +202,7 @@ class MlflowTracker:
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         """Log scalar metrics at ``step`` in one batch (tensors/numpy scalars are converted with ``float``)."""
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # lazy: mlflow takes seconds to import; untracked runs never need it
 
         if isinstance(step, bool) or int(step) != step:
             raise ValueError(f"step must be an int, got {step!r}")
@@ -236,7 +236,7 @@ class MlflowTracker:
 
     def set_tags(self, tags: dict[str, str]) -> None:
         """Set run tags (values redacted and truncated to MLflow's 8000 characters)."""
-        from mlflow.entities import RunTag
+        from mlflow.entities import RunTag  # lazy: mlflow takes seconds to import; untracked runs never need it
 
         red = redact(dict(tags))
         items = [RunTag(sanitize_key(str(k)), truncate(scalar_str(v), MAX_TAG_VALUE_LENGTH)) for k, v in red.items()]
@@ -292,7 +292,7 @@ class MlflowTracker:
 
 
 def get_or_create_experiment(client: "MlflowClient", name: str, tracking_uri: str) -> str:
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # lazy: mlflow takes seconds to import; untracked runs never need it
 
     exp = client.get_experiment_by_name(name)
     if exp is not None:
@@ -316,7 +316,9 @@ def create_run(
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
 ) -> MlflowTracker:
-    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+    from mlflow.utils.mlflow_tags import (
+        MLFLOW_PARENT_RUN_ID,
+    )  # lazy: mlflow takes seconds to import; untracked runs never need it
 
     all_tags = {str(k): truncate(scalar_str(v), MAX_TAG_VALUE_LENGTH) for k, v in redact(dict(tags or {})).items()}
     if parent_run_id:

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 from miroflow.config import TrackingConfig
+from miroflow.storage import InvalidURIError, parse_uri
 from miroflow.tracking.redact import redact_text
 
 __all__ = ["default_artifact_location", "resolve_tracking_uri", "absolute_uri", "safe_uri", "git_info", "file_sha256"]
@@ -47,8 +48,6 @@ def resolve_tracking_uri(cfg: TrackingConfig | None = None) -> str:
 
 def absolute_uri(uri: str) -> str:
     """``uri`` with a relative local path made absolute; ``s3://``/``file://`` URIs unchanged."""
-    from miroflow.storage import InvalidURIError, parse_uri
-
     try:
         p = parse_uri(uri)
     except InvalidURIError:
