@@ -43,7 +43,7 @@ from miroflow.data.score_tables import (
     write_score_manifest,
 )
 from miroflow.data.shards import read_manifest
-from miroflow.rewards import clear_reward_cache, load_rewards, reward_versions
+from miroflow.rewards import load_rewards, reward_versions
 from miroflow.score_engine import score_shard, shard_stem
 from miroflow.storage import Storage, from_config, join_uri, parse_uri
 

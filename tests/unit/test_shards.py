@@ -290,7 +290,7 @@ def _tar_bytes(fmt: int, members: list[tuple[str, bytes, bytes]]) -> bytes:
 
 @pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
 def test_lean_reader_matches_tarfile(fmt: int) -> None:
-    from miroflow.data.shards import _iter_tar
+    from miroflow.data.tar_reader import _iter_tar
 
     long_dir = "d" * 120  # ustar: split into prefix/name; GNU: ././@LongLink; pax: path record
     members = [
@@ -317,7 +317,7 @@ def test_lean_reader_matches_tarfile(fmt: int) -> None:
 
 
 def test_lean_reader_rejects_corrupt_tars() -> None:
-    from miroflow.data.shards import _iter_tar
+    from miroflow.data.tar_reader import _iter_tar
 
     raw = _tar_bytes(tarfile.GNU_FORMAT, [("k0.txt", b"hello" * 300, tarfile.REGTYPE)])
     flipped = bytearray(raw)
