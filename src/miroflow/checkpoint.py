@@ -181,12 +181,8 @@ def local_checkpoint(uri: str, storage: Storage) -> Iterator[Path]:
     if local is not None:
         yield local
         return
-    prefix = uri.rstrip("/") + "/"
     with tempfile.TemporaryDirectory(prefix="miroflow-ckpt-") as tmp:
-        for f in storage.list(prefix):
-            dest = Path(tmp) / f[len(prefix) :]
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_bytes(storage.read_bytes(f))
+        storage.download_tree(uri, Path(tmp))
         yield Path(tmp)
 
 

@@ -580,12 +580,7 @@ def _materialize(uri: str, storage: Storage, wanted: tuple[str, ...]) -> Iterato
         chosen.append(next((o for o in options if o in tops), options[0]))
     with tempfile.TemporaryDirectory(prefix="miroload-") as tmp:
         root = Path(tmp)
-        for rel, obj in objects.items():
-            if not rel or rel.split("/", 1)[0] not in chosen:
-                continue
-            dest = root / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_bytes(storage.read_bytes(obj))
+        storage.download_tree(uri, root, select=lambda rel: rel.split("/", 1)[0] in chosen)
         yield root
 
 

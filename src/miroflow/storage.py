@@ -100,6 +100,29 @@ class InvalidURIError(StorageError, ValueError):
     """The URI cannot be parsed (unknown scheme, no bucket, bad bucket name, ...)."""
 
 
+class UnsafeKeyError(StorageError, ValueError):
+    """An object key cannot become a local path safely (absolute, ``..``, empty segments, outside the target)."""
+
+
+def local_target(root: Path, rel: str, uri: str) -> Path:
+    """``root / rel`` for the part ``rel`` of a storage key below a prefix, checked: the one way a key
+    becomes a local path (``docs/architecture.md``, "Storage keys as local paths").
+
+    Refused with :class:`UnsafeKeyError` naming ``uri``: an empty ``rel``, a leading ``/``, a
+    backslash or NUL, an empty, ``.`` or ``..`` segment (``a//b``, ``a/./b``, ``a/../b``), and any
+    result whose resolved path is not inside ``root`` (e.g. through a symlink already in ``root``).
+    """
+    if not rel or rel.startswith("/") or "\\" in rel or "\x00" in rel:
+        raise UnsafeKeyError(f"{uri}: key suffix {rel!r} is not a safe relative path", uri)
+    if any(seg in ("", ".", "..") for seg in rel.split("/")):
+        raise UnsafeKeyError(f"{uri}: key suffix {rel!r} has an empty, '.' or '..' segment", uri)
+    base = root.resolve()
+    target = (base / rel).resolve()
+    if target != base and base not in target.parents:
+        raise UnsafeKeyError(f"{uri}: key suffix {rel!r} resolves outside {root}", uri)
+    return target
+
+
 @dataclass(frozen=True)
 class ParsedURI:
     """A parsed storage URI.
@@ -493,6 +516,21 @@ class Storage:
         """The local path behind ``uri`` (plain path or ``file://``), or ``None`` for remote URIs."""
         p = parse_uri(uri)
         return p.path if p.kind == "file" else None
+
+    def download_tree(self, prefix: str, dest: Path, select: Callable[[str], bool] | None = None) -> list[Path]:
+        """Copy every object under ``prefix`` (``<prefix>/<rel>``) to ``dest/<rel>``; returns the files written.
+
+        ``select(rel)`` picks which ones (default all). Every ``rel`` under the prefix, selected or not,
+        goes through :func:`local_target` before anything is written: a prefix holding an unsafe key
+        is refused as a whole (:class:`UnsafeKeyError`) and nothing is written.
+        """
+        base = prefix.rstrip("/") + "/"
+        listed = [(r := u[len(base) :], local_target(dest, r, u), u) for u in self.list(base) if u.startswith(base)]
+        targets = [(t, u) for r, t, u in listed if select is None or select(r)]
+        for target, u in targets:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(self.read_bytes(u))
+        return [t for t, _ in targets]
 
     # ------------------------------------------------------------------ local helpers
 

@@ -38,15 +38,7 @@ def _copy_checkpoint(src: str | Path, dst: Path) -> int:
                 shutil.copy2(f, target)
                 n += 1
         return n
-    storage = Storage()
-    prefix = s.rstrip("/") + "/"
-    for uri in storage.list(prefix):
-        rel = uri[len(prefix) :]
-        if rel.endswith(_MODEL_FILE_SUFFIXES):
-            target = dst / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(storage.read_bytes(uri))
-            n += 1
+    n += len(Storage().download_tree(s, dst, select=lambda rel: rel.endswith(_MODEL_FILE_SUFFIXES)))
     if n == 0:
         raise FileNotFoundError(f"no *.safetensors/*.json files under checkpoint {src}")
     return n
