@@ -517,7 +517,7 @@ class Storage:
         p = parse_uri(uri)
         return p.path if p.kind == "file" else None
 
-    def download_tree(self, prefix: str, dest: Path, select: Callable[[str], bool] | None = None) -> list[Path]:
+    def download_tree(self, prefix: str, dest: Path, select: Callable[[str], bool] | None = None) -> tuple[Path, ...]:
         """Copy every object under ``prefix`` (``<prefix>/<rel>``) to ``dest/<rel>``; returns the files written.
 
         ``select(rel)`` picks which ones (default all). Every ``rel`` under the prefix, selected or not,
@@ -530,7 +530,7 @@ class Storage:
         for target, u in targets:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(self.read_bytes(u))
-        return [t for t, _ in targets]
+        return tuple(t for t, _ in targets)
 
     # ------------------------------------------------------------------ local helpers
 
