@@ -70,6 +70,12 @@ class DataConfig(_Section):
     shard_size: int = Field(1000, ge=1, description="Samples per webdataset shard.")
     split: str = Field("train", pattern=r"^[a-z0-9_]+$", description="Split name used in shard file names.")
     image_format: Literal["png", "jpg"] = Field("png", description="Encoding of images inside shards.")
+    max_pixels: int = Field(
+        64_000_000,
+        ge=1,
+        description="Largest image (width x height) import decodes; larger ones are rejected from the header, "
+        "before decoding (decompression-bomb guard).",
+    )
     swap_caption_fraction: float = Field(
         0.3, ge=0, le=1, description="Fraction of samples whose caption is replaced by another scene's caption."
     )

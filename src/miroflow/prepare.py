@@ -63,7 +63,14 @@ def run_prepare(params: Params, storage: Storage | None = None) -> dict[str, Any
     else:
         if not cfg.import_uri:
             raise ValueError("data.import_uri: required when data.domain is 'import'")
-        report = import_tars(cfg.import_uri, prefix, split=cfg.split, shard_size=cfg.shard_size, storage=storage)
+        report = import_tars(
+            cfg.import_uri,
+            prefix,
+            split=cfg.split,
+            shard_size=cfg.shard_size,
+            storage=storage,
+            max_pixels=cfg.max_pixels,
+        )
         entries = report.entries
         extra["rejected"] = report.rejected
         for r in report.rejected:

@@ -51,7 +51,7 @@ from miroflow.data.score_tables import (
     read_table_meta,
     table_bytes,
 )
-from miroflow.data.shards import decode_image, group_to_record, iter_tar_groups
+from miroflow.data.shards import RECORD_EXTS, decode_image, group_to_record, iter_tar_groups
 from miroflow.rewards import Reward, reward_versions
 from miroflow.storage import Storage, parse_uri, sha256_bytes
 
@@ -198,7 +198,7 @@ def _iter_records(reader: _HashingReader, shard_uri: str, failures: list[dict[st
         )
 
     # iter_tar_groups raises ShardError (naming the shard) for a truncated or corrupt tar itself
-    for key, group in iter_tar_groups(reader, shard_uri, on_reject=on_reject):  # type: ignore[arg-type]
+    for key, group in iter_tar_groups(reader, shard_uri, on_reject=on_reject, keep=RECORD_EXTS):  # type: ignore[arg-type]
         rec = group_to_record(key, group, shard_uri)
         if isinstance(rec, str):
             failures.append({"key": key, "reason": rec, "scope": "sample"})

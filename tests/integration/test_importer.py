@@ -107,6 +107,34 @@ def test_import_is_deterministic(tmp_path: Path) -> None:
     assert r1.entries[0]["sha256"] == r2.entries[0]["sha256"]
 
 
+def test_import_rejects_images_over_max_pixels_and_keeps_the_rest(tmp_path: Path) -> None:
+    from PIL import Image
+
+    big = io.BytesIO()
+    Image.new("1", (4000, 3000), 1).save(big, format="PNG")  # 12 MP from a tiny file
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        _add(tf, "000000001.jpg", _jpeg(10))
+        _add(tf, "000000001.txt", b"an ordinary photo")
+        _add(tf, "000000002.png", big.getvalue())
+        _add(tf, "000000002.txt", b"a decompression bomb")
+        _add(tf, "000000003.jpg", _jpeg(30))
+        _add(tf, "000000003.txt", b"another ordinary photo")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.tar").write_bytes(buf.getvalue())
+    storage = Storage(retries=0)
+    report = import_tars(
+        str(tmp_path / "src"), str(tmp_path / "out"), "train", 10, storage, progress=False, max_pixels=1_000_000
+    )
+    assert report.num_ok == 2
+    assert [r["key"] for r in report.rejected] == ["000000002"]
+    assert "12,000,000 pixels exceeds the limit of 1,000,000" in report.rejected[0]["reason"]
+    captions = [r["txt"] for r in iter_shard(report.entries[0]["uri"], storage)]
+    assert captions == ["an ordinary photo", "another ordinary photo"]
+    # with the default limit (64 MP) the same image is kept
+    assert import_tars(str(tmp_path / "src"), str(tmp_path / "o2"), "train", 10, storage, progress=False).num_ok == 3
+
+
 def test_import_no_tars_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no .tar files found under"):
         import_tars(str(tmp_path), str(tmp_path / "out"), "train", 10, Storage(retries=0), progress=False)

@@ -20,6 +20,7 @@ from miroflow.data.shards import (
     decode_image,
     encode_image,
     iter_shard,
+    iter_tar_groups,
     make_webdataset,
     read_manifest,
     split_member_name,
@@ -160,6 +161,26 @@ def test_decode_image_errors() -> None:
     Image.new("L", (3, 2), 7).save(grey, format="PNG")
     out = decode_image(grey.getvalue())
     assert out.shape == (2, 3, 3) and out.dtype == np.uint8 and (out == 7).all()
+
+
+def _bomb_png(side: int = 10_000) -> bytes:
+    """A 1-bit PNG of ``side`` x ``side`` zeros: a few KB on disk, ``3·side²`` bytes decoded."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("1", (side, side), 0).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_decode_image_refuses_a_decompression_bomb_from_its_header() -> None:
+    bomb = _bomb_png()
+    assert len(bomb) < 200_000  # small file, 100 megapixels
+    with pytest.raises(ValueError, match=r"bomb.png: 10000x10000 = 100,000,000 pixels exceeds .*data\.max_pixels"):
+        decode_image(bomb, name="bomb.png")
+    small = encode_image(np.zeros((20, 30, 3), np.uint8))
+    with pytest.raises(ValueError, match="600 pixels exceeds the limit of 599"):
+        decode_image(small, max_pixels=599)
+    assert decode_image(small, max_pixels=600).shape == (20, 30, 3)  # the limit itself is allowed
 
 
 @pytest.mark.parametrize(
@@ -331,3 +352,22 @@ def test_lean_reader_rejects_corrupt_tars() -> None:
         list(_iter_tar(io.BytesIO(b""), "empty.tar"))
     with pytest.raises(ShardError, match="junk.tar"):
         list(_iter_tar(io.BytesIO(b"not a tar at all" * 64), "junk.tar"))
+
+
+def test_members_readers_do_not_use_are_skipped_unread() -> None:
+    """A large side member (``.npy`` here) is skipped unread with ``keep``, not held nor refused."""
+    png = encode_image(np.zeros((4, 4, 3), np.uint8))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in [("k1.png", png), ("k1.npy", b"\0" * 3_000_000), ("k1.txt", b"cap")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    rejected: list[dict[str, Any]] = []
+    every = list(iter_tar_groups(io.BytesIO(buf.getvalue()), "s.tar", rejected.append, max_member_bytes=1_000_000))
+    assert every == [] and "too large" in rejected[0]["reason"]  # without keep: read and judged
+    kept = list(
+        iter_tar_groups(io.BytesIO(buf.getvalue()), "s.tar", None, max_member_bytes=1_000_000, keep={"png", "txt"})
+    )
+    assert [(k, sorted(g)) for k, g in kept] == [("k1", ["png", "txt"])]
+    assert kept[0][1]["txt"] == b"cap"

@@ -17,6 +17,8 @@ from typing import Any
 
 from miroflow.data.sample import Sample
 from miroflow.data.shards import (
+    DEFAULT_MAX_PIXELS,
+    RECORD_EXTS,
     SOURCE_KEY_RE,
     ShardError,
     decode_image,
@@ -65,7 +67,9 @@ def _caption(rec: dict[str, Any]) -> str | None:
     return None
 
 
-def iter_import_samples(tars: list[str], split: str, storage: Storage, report: ImportReport) -> Iterator[Sample]:
+def iter_import_samples(
+    tars: list[str], split: str, storage: Storage, report: ImportReport, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Iterator[Sample]:
     """Yield checked ``Sample``s (original image bytes, new keys ``{split}-{n:08d}``) from ``tars``.
 
     Rejections are appended to ``report.rejected``; ``report.num_ok`` counts yielded samples.
@@ -75,7 +79,9 @@ def iter_import_samples(tars: list[str], split: str, storage: Storage, report: I
         report.sources.append(tar_uri)
         stream = storage.open_read(tar_uri)
         try:
-            for key, group in iter_tar_groups(stream, tar_uri, report.rejected.append, key_re=SOURCE_KEY_RE):
+            for key, group in iter_tar_groups(
+                stream, tar_uri, report.rejected.append, key_re=SOURCE_KEY_RE, keep=RECORD_EXTS
+            ):
                 rec = group_to_record(key, group, tar_uri)
                 if isinstance(rec, str):
                     report.rejected.append({"source": tar_uri, "key": key, "reason": rec})
@@ -85,7 +91,7 @@ def iter_import_samples(tars: list[str], split: str, storage: Storage, report: I
                     report.rejected.append({"source": tar_uri, "key": key, "reason": "missing or empty caption"})
                     continue
                 try:
-                    decode_image(rec["image_bytes"], name=f"{tar_uri} key {key!r}")
+                    decode_image(rec["image_bytes"], name=f"{tar_uri} key {key!r}", max_pixels=max_pixels)
                 except ValueError as e:
                     report.rejected.append({"source": tar_uri, "key": key, "reason": f"corrupt image: {e}"})
                     continue
@@ -116,12 +122,14 @@ def import_tars(
     shard_size: int,
     storage: Storage,
     progress: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> ImportReport:
     """Re-shard every cc12m-style ``.tar`` under ``source_prefix`` into ``<out_prefix>/{split}-*.tar``.
 
     Good samples keep their original image bytes (``image_ext`` "jpg" for JPEGs) and get keys
     ``{split}-{n:08d}``; ``meta`` keeps the caption and ``source`` = original key, tar URI and JSON.
-    Skipped (and reported in ``ImportReport.rejected``): undecodable images, missing captions,
+    Skipped (and reported in ``ImportReport.rejected``): undecodable images, images over
+    ``max_pixels`` (width x height, checked from the header before decoding), missing captions,
     unsafe member names (``../x``, absolute paths), invalid keys, non-regular members and samples
     with pickle members.
 
@@ -131,7 +139,7 @@ def import_tars(
     tars = find_tars(source_prefix, storage)
     report = ImportReport()
     report.entries = write_shards(
-        iter_import_samples(tars, split, storage, report),
+        iter_import_samples(tars, split, storage, report, max_pixels),
         out_prefix,
         split,
         shard_size,

@@ -51,6 +51,10 @@ log = logging.getLogger(__name__)
 
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+#: The member extensions :func:`group_to_record` uses; readers skip every other member unread.
+RECORD_EXTS = frozenset((*IMAGE_EXTS, "txt", "json"))
+#: Largest image (width x height) decoded by default: about 64 megapixels (``data.max_pixels``).
+DEFAULT_MAX_PIXELS = 64_000_000
 #: Order of members within a sample when writing.
 _EXT_ORDER = {"img": 0, "json": 1, "txt": 2}
 #: Shards larger than this are spooled to a temp file instead of memory while being built.
@@ -81,20 +85,37 @@ def encode_image(image: np.ndarray, image_format: str = "png") -> bytes:
     return buf.getvalue()
 
 
-def decode_image(data: bytes, name: str = "image") -> np.ndarray:
+def decode_image(data: bytes, name: str = "image", max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode encoded image bytes to a ``uint8 [H, W, 3]`` RGB array (via PIL, fully loaded).
 
+    The header's width × height is checked against ``max_pixels`` before any pixel is decoded, so
+    a small file that would expand to gigabytes (a decompression bomb) costs nothing.
+
     Raises:
-        ValueError: the bytes are not a decodable image (message names ``name`` and the cause).
+        ValueError: the bytes are not a decodable image, or exceed ``max_pixels`` (message names
+            ``name``, the size and the limit).
     """
     if not data:
         raise ValueError(f"cannot decode {name}: empty data")
+
+    def failed(e: Exception) -> ValueError:
+        return ValueError(f"cannot decode {name} ({len(data)} bytes): {type(e).__name__}: {e}")
+
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        img = Image.open(io.BytesIO(data))  # reads the header only
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+        raise failed(e) from e
+    with img:
+        w, h = img.size
+        if w * h > max_pixels:
+            raise ValueError(
+                f"cannot decode {name}: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} (data.max_pixels)"
+            )
+        try:
             img.load()  # force full decode: truncated/corrupt data fails here
             rgb = img.convert("RGB")
-    except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
-        raise ValueError(f"cannot decode {name} ({len(data)} bytes): {type(e).__name__}: {e}") from e
+        except Exception as e:
+            raise failed(e) from e
     arr = np.asarray(rgb, dtype=np.uint8)
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise ValueError(f"cannot decode {name}: unexpected decoded shape {list(arr.shape)}")
@@ -343,7 +364,7 @@ def iter_shard(
     """
     stream = storage.open_read(uri)
     try:
-        for key, group in iter_tar_groups(stream, uri, on_reject, key_re):
+        for key, group in iter_tar_groups(stream, uri, on_reject, key_re, keep=RECORD_EXTS):
             rec = group_to_record(key, group, uri)
             if isinstance(rec, str):
                 reject(on_reject, uri, rec, key=key)
@@ -434,7 +455,9 @@ def make_webdataset(uris: list[str], decode_images: bool = True, **wds_kwargs: A
 
 
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
     "IMAGE_EXTS",
+    "RECORD_EXTS",
     "KEY_RE",
     "PICKLE_EXTS",
     "SOURCE_KEY_RE",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import IO
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ def iter_tar_groups(
     on_reject: RejectFn | None = None,
     key_re: re.Pattern[str] = KEY_RE,
     max_member_bytes: int = MAX_MEMBER_BYTES,
+    keep: Collection[str] | None = None,
 ) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Stream a tar and yield ``(key, {ext: bytes})`` for each group of consecutive same-key members.
 
@@ -81,6 +82,10 @@ def iter_tar_groups(
     members (links, devices, ...), unsafe names, invalid keys, oversized members, a duplicate
     ``ext`` within a key, a key seen again after other keys, and every sample with a pickle member
     (that member is never read). Members are never extracted to disk.
+
+    With ``keep`` (lower-case extensions), members with any other extension are skipped unread —
+    they cost no memory and their size is not checked — so a caller that only uses images and
+    captions never holds, say, a 200 MB ``.npy`` side member in RAM.
     """
     seen: set[str] = set()
     cur_key: str | None = None
@@ -115,6 +120,8 @@ def iter_tar_groups(
         if ext in PICKLE_EXTS:
             cur_bad = f"pickle member {name!r} (never unpickled)"
             continue
+        if keep is not None and ext not in keep:
+            continue  # skipped unread by _iter_tar after this loop step
         if member.size > max_member_bytes:
             cur_bad = f"member {name!r} too large ({member.size} bytes > {max_member_bytes})"
             continue
