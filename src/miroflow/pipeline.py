@@ -28,15 +28,8 @@ Guidance mode (:attr:`MiroPipeline.guidance_mode`):
 * ``"none"`` — a baseline trained without text dropout: it has no unconditional branch, so
   only ``guidance_scale = 0`` is allowed (any ω > 0 is an error saying why).
 
-Saving (``save_pretrained``) writes safetensors only, in the checkpoint layout::
-
-    <dir>/miro.json       the spec + {"pipeline": {"_class_name", "_diffusers_version", "components"}}
-    <dir>/denoiser/       MiroDenoiser.save_pretrained (config.json + model.safetensors)
-    <dir>/text_encoder/   only for the trainable ``learned`` encoder
-    <dir>/vae/            only for latent = "vae": AutoencoderKL (safetensors) + latent_stats.json
-
-``miro.json`` is written last (a directory without it is incomplete). Frozen pretrained text
-encoders are rebuilt from their spec (``minilm``, ``t5:<path>``, ``clip:<path>``) on load.
+Saving (``save_pretrained``) writes safetensors only, in the checkpoint layout of
+:mod:`miroflow.pipeline_spec` (``miro.json`` last; frozen text encoders are rebuilt on load).
 diffusers' generic component saving cannot handle our plain ``nn.Module`` s (it only knows
 ``ModelMixin``/``PreTrainedModel`` subclasses), hence the override; ``.to``/``device``/``dtype``
 are overridden for the same reason (our components are not ``ModelMixin`` s and the codecs and
@@ -49,94 +42,32 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline
-from diffusers.utils import BaseOutput
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from miroflow.flow import cfg_model_fn, euler_sample
-from miroflow.models.denoiser import CONFIG_NAME, WEIGHTS_NAME, DenoiserConfig, MiroDenoiser
-from miroflow.models.text import LearnedTokenEncoder, TextEmbedding, TextEncoder, create_text_encoder
+from miroflow.models.denoiser import MiroDenoiser
+from miroflow.models.text import LearnedTokenEncoder, TextEmbedding, TextEncoder
 from miroflow.models.vae import PixelCodec, VAECodec
-from miroflow.storage import Storage, join_uri, parse_uri
+from miroflow.pipeline_load import load_pipeline
+from miroflow.pipeline_spec import (
+    LATENT_STATS_JSON,
+    MIRO_JSON,
+    GuidanceMode,
+    MiroPipelineOutput,
+    MiroSpec,
+    OutputType,
+    _parse_to_args,
+)
+from miroflow.storage import Storage, join_uri
 
-__all__ = [
-    "MIRO_JSON",
-    "MiroSpec",
-    "MiroPipeline",
-    "MiroPipelineOutput",
-    "GuidanceMode",
-    "load_pipeline",
-]
-
-MIRO_JSON = "miro.json"
-LATENT_STATS_JSON = "latent_stats.json"
-GuidanceMode = Literal["rewards", "text", "none"]
-OutputType = Literal["np", "pt", "pil"]
-
-
-class MiroSpec(BaseModel):
-    """The ``miro.json`` document (docs/architecture.md, "Checkpoints").
-
-    Unknown keys are kept (``extra="allow"``) so a checkpoint written by a newer trainer
-    round-trips through a pipeline save.
-    """
-
-    model_config = ConfigDict(extra="allow")
-
-    format: int = Field(1, description="Layout version.")
-    step: int | None = Field(None, description="Training step of the weights.")
-    run_name: str | None = Field(None, description="Training run name.")
-    text_encoder: str = Field(..., description="Text-encoder spec: minilm, learned, t5:<path>, clip:<path>.")
-    text_max_length: int | None = Field(None, ge=1, description="Caption length in tokens (None = encoder default).")
-    latent: Literal["pixel", "vae"] = Field("pixel", description="Space the denoiser models.")
-    vae: str | None = Field(None, description="Path or hub id of the AutoencoderKL (latent = vae).")
-    latent_stats: dict[str, Any] | None = Field(
-        None, description="Per-channel latent stats {'mean': [...], 'std': [...]}."
-    )
-    resolution: int = Field(..., ge=1, description="Image side in pixels.")
-    reward_names: list[str] = Field(
-        default_factory=list, description="Conditioning rewards in column order ([] = baseline)."
-    )
-    bins: dict[str, Any] | None = Field(None, description="BinSet JSON the conditioning values came from.")
-    text_dropout: float = Field(0.0, ge=0, le=1, description="Caption dropout used in training (> 0 enables text CFG).")
-    denoiser: dict[str, Any] | None = Field(None, description="DenoiserConfig JSON.")
-
-
-@dataclass
-class MiroPipelineOutput(BaseOutput):  # type: ignore[misc]
-    """Output of :meth:`MiroPipeline.__call__`.
-
-    ``images``: ``np.ndarray [N, H, W, 3]`` float32 in [0, 1] (``output_type="np"``),
-    ``Tensor [N, 3, H, W]`` float32 in [0, 1] on CPU (``"pt"``) or a list of N PIL images
-    (``"pil"``). Image ``i·num_images_per_prompt + j`` is the j-th image of prompt i.
-    """
-
-    images: Any
-
-
-def _parse_to_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.device | None, torch.dtype | None]:
-    device: Any = kwargs.pop("device", None)
-    dtype: Any = kwargs.pop("dtype", None)
-    kwargs.pop("silence_dtype_warnings", None)
-    if kwargs:
-        raise TypeError(f"MiroPipeline.to() got unexpected keyword argument(s) {sorted(kwargs)}")
-    for a in args:
-        if isinstance(a, torch.dtype):
-            dtype = a
-        elif isinstance(a, (str, torch.device, int)):
-            device = a
-        else:
-            raise TypeError(f"MiroPipeline.to() cannot interpret argument {a!r}")
-    return (torch.device(device) if device is not None else None), dtype
+__all__ = ["MIRO_JSON", "MiroSpec", "MiroPipeline", "MiroPipelineOutput", "GuidanceMode", "load_pipeline"]
 
 
 class MiroPipeline(DiffusionPipeline):  # type: ignore[misc]
@@ -553,125 +484,3 @@ class MiroPipeline(DiffusionPipeline):  # type: ignore[misc]
             FileNotFoundError: no ``miro.json`` (incomplete checkpoint) or no ``ema/`` weights.
         """
         return load_pipeline(uri, storage=storage, device=device, prefer="ema")
-
-
-# --------------------------------------------------------------------------- loading helpers
-@contextmanager
-def _materialize(uri: str, storage: Storage, wanted: tuple[str, ...]) -> Iterator[Path]:
-    """A local directory holding ``uri``'s files under the top-level names in ``wanted``.
-
-    An entry ``"a|b"`` downloads ``a`` if it exists, else ``b``. Local URIs are used in place;
-    remote ones are downloaded to a temporary directory (deleted on exit).
-    """
-    local = storage.local_path(uri)
-    if local is not None:
-        if not local.is_dir():
-            raise FileNotFoundError(f"model directory not found: {uri}")
-        yield local
-        return
-    parse_uri(uri)
-    prefix = uri.rstrip("/") + "/"
-    objects = {obj[len(prefix) :]: obj for obj in storage.list(prefix) if obj.startswith(prefix)}
-    tops = {rel.split("/", 1)[0] for rel in objects}
-    # the first of an alternative group "a|b" that exists is downloaded (e.g. ema|denoiser)
-    chosen: list[str] = []
-    for w in wanted:
-        options = w.split("|")
-        chosen.append(next((o for o in options if o in tops), options[0]))
-    with tempfile.TemporaryDirectory(prefix="miroload-") as tmp:
-        root = Path(tmp)
-        storage.download_tree(uri, root, select=lambda rel: rel.split("/", 1)[0] in chosen)
-        yield root
-
-
-def _build_text_encoder(spec: MiroSpec, d: Path, device: torch.device, prefer_ema: bool) -> TextEncoder:
-    if spec.text_encoder == "learned":
-        order = ("ema_text_encoder", "text_encoder") if prefer_ema else ("text_encoder", "ema_text_encoder")
-        sub = next((d / s for s in order if (d / s / "text_encoder.json").is_file()), None)
-        if sub is None:
-            raise FileNotFoundError(
-                f"miro.json says text_encoder='learned' but {d} has no {' or '.join(order)}/ folder"
-            )
-        enc = LearnedTokenEncoder.from_pretrained(sub)
-        enc.to(device)
-        return enc
-    return create_text_encoder(spec.text_encoder, device=device, max_length=spec.text_max_length)
-
-
-def _build_codec(spec: MiroSpec, d: Path, device: torch.device) -> PixelCodec | VAECodec:
-    if spec.latent == "pixel":
-        return PixelCodec()
-    local_vae = d / "vae"
-    if (local_vae / "config.json").is_file():
-        codec = VAECodec(str(local_vae), device=device)
-        if (local_vae / LATENT_STATS_JSON).is_file():
-            codec.load_stats(local_vae / LATENT_STATS_JSON)
-    elif spec.vae:
-        codec = VAECodec(spec.vae, device=device)
-    else:
-        raise ValueError("miro.json: latent='vae' but 'vae' is null and the directory has no vae/ folder")
-    stats = spec.latent_stats
-    if stats and isinstance(stats.get("mean"), list) and isinstance(stats.get("std"), list):
-        if len(stats["mean"]) != codec.channels or len(stats["std"]) != codec.channels:
-            raise ValueError(f"miro.json: latent_stats must hold {codec.channels} means and stds")
-        codec.mean = torch.tensor(stats["mean"], dtype=torch.float32, device=codec.device)
-        codec.std = torch.tensor(stats["std"], dtype=torch.float32, device=codec.device)
-        codec.stats_source = "miro.json"
-    return codec
-
-
-def load_pipeline(
-    uri: str,
-    storage: Storage | None = None,
-    device: str | torch.device | None = None,
-    prefer: Literal["ema", "denoiser"] = "ema",
-) -> MiroPipeline:
-    """Load a pipeline directory or a checkpoint from any storage URI.
-
-    Weights come from ``<uri>/<prefer>/`` when present, else from the other of ``ema/`` /
-    ``denoiser/`` (a pipeline directory has only ``denoiser/``; a checkpoint has both and is
-    evaluated with ``ema/``). ``device`` defaults to CUDA when available.
-
-    Raises:
-        FileNotFoundError: naming the missing ``miro.json`` or weights folder.
-        ValueError: an invalid ``miro.json`` (names the file) or inconsistent components.
-    """
-    st = storage or Storage()
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if prefer == "ema":
-        wanted: tuple[str, ...] = (MIRO_JSON, "ema|denoiser", "ema_text_encoder|text_encoder", "vae")
-    else:
-        wanted = (MIRO_JSON, "denoiser|ema", "text_encoder|ema_text_encoder", "vae")
-    with _materialize(uri, st, wanted) as d:
-        meta = d / MIRO_JSON
-        if not meta.is_file():
-            raise FileNotFoundError(
-                f"{join_uri(uri, MIRO_JSON)} not found: not a MiroPipeline directory or an incomplete checkpoint "
-                "(miro.json is written last)"
-            )
-        try:
-            raw = json.loads(meta.read_text())
-            spec = MiroSpec.model_validate(raw)
-        except ValueError as err:
-            raise ValueError(f"{join_uri(uri, MIRO_JSON)}: invalid miro.json: {err}") from None
-        order = ("ema", "denoiser") if prefer == "ema" else ("denoiser", "ema")
-        weights = next(
-            (d / s for s in order if (d / s / CONFIG_NAME).is_file() and (d / s / WEIGHTS_NAME).is_file()), None
-        )
-        if weights is None:
-            raise FileNotFoundError(f"{uri}: no weights ({' or '.join(f'{s}/{WEIGHTS_NAME}' for s in order)})")
-        denoiser = MiroDenoiser.from_pretrained(weights, device=dev)
-        if spec.denoiser is not None:
-            stored = DenoiserConfig.model_validate(spec.denoiser)
-            if stored.reward_names != denoiser.reward_names:
-                raise ValueError(
-                    f"{uri}: miro.json denoiser.reward_names {stored.reward_names} differ from "
-                    f"{weights.name}/config.json {denoiser.reward_names}"
-                )
-        text_encoder = _build_text_encoder(spec, d, dev, prefer_ema=weights.name == "ema")
-        codec = _build_codec(spec, d, dev)
-        spec_data = spec.model_dump(mode="json")
-        spec_data.pop("pipeline", None)  # regenerated on save
-        pipe = MiroPipeline(denoiser=denoiser, text_encoder=text_encoder, vae=codec, spec=spec_data)
-    pipe.to(dev)
-    return pipe

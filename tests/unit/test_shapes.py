@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from miroflow.config import DataConfig, DegradationConfig
-from miroflow.data import shapes
+from miroflow.data import scenes, shapes
 from miroflow.data.sample import Sample
 
 NO_DEGRADATION = DegradationConfig(blur_prob=0, noise_prob=0, low_contrast_prob=0, jpeg_prob=0)
@@ -57,7 +57,7 @@ def test_scene_structure(category: str) -> None:
             ax0, ay0, ax1, ay1 = a["bbox"]
             bx0, by0, bx1, by1 = b["bbox"]
             gap = max(bx0 - ax1, ax0 - bx1, by0 - ay1, ay0 - by1)
-            assert gap >= shapes.GAP - 1e-9
+            assert gap >= scenes.GAP - 1e-9
         if category == "counting":
             assert len({(o["shape"], o["color"]) for o in objs}) == 1
         if category in ("two_object", "color_attr"):

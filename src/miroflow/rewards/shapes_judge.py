@@ -1,6 +1,6 @@
 """The exact judge of the shapes domain, and the ``shapes_alignment`` reward built on it.
 
-The judge parses a caption (grammar in :mod:`miroflow.data.shapes`) into *facts* and checks each
+The judge parses a caption (grammar in :mod:`miroflow.data.scenes`) into *facts* and checks each
 fact against objects detected in the image:
 
 - parsing: optional prefix ("a photo of", ...), then one noun phrase, two joined by "and", or two
@@ -10,7 +10,7 @@ fact against objects detected in the image:
 - facts per phrase: the shape is present (≥ 1); with a colour, a shape of that colour is present;
   with a number word, *exactly* that many objects of that colour and shape exist (GenEval's
   include + exclude). A relation adds "some subject match lies <rel> some object match" with
-  GenEval's 60° rule on bbox centres (:func:`miroflow.data.shapes.relations_between`).
+  GenEval's 60° rule on bbox centres (:func:`miroflow.data.scenes.relations_between`).
 - ``score`` = fraction of facts that hold; ``correct`` = all facts hold (GenEval-style).
   A caption with no checkable fact is *unparseable*: ``score`` is NaN (an absent reward, docs/design.md
   §3: "a missing score is absent, never 0"), ``correct`` False, ``parsed`` False. The reward can be
@@ -45,7 +45,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from miroflow.data.shapes import BACKGROUND, COLORS, MIN_SIZE, NUMBER_WORDS, SHAPES, relations_between
+from miroflow.data.scenes import COLORS, MIN_SIZE, NUMBER_WORDS, SHAPES, relations_between
+from miroflow.data.shapes import BACKGROUND
 from miroflow.rewards.registry import register_reward
 
 __all__ = [
@@ -431,7 +432,7 @@ def judge(image: np.ndarray, caption: str) -> JudgeResult:
 
     Args:
         image: ``[H, W, 3]`` RGB, uint8 (0–255) or float (0–1).
-        caption: any text; the templates of :mod:`miroflow.data.shapes` parse fully.
+        caption: any text; the templates of :mod:`miroflow.data.scenes` parse fully.
 
     Returns:
         :class:`JudgeResult` (score NaN and ``parsed=False`` if the caption has no fact).
