@@ -9,11 +9,15 @@ land on the machine that runs the flow even when shards are scored on Dask worke
 Use :func:`run` to pick the task runner from ``params.score`` at call time:
 ``ThreadPoolTaskRunner(max_workers=score.max_workers)`` by default, or prefect-dask's
 ``DaskTaskRunner`` (a ``LocalCluster`` of ``score.max_workers`` single-threaded worker processes)
-when ``score.executor`` is ``dask``.
+when ``score.executor`` is ``dask``. The local cluster's scheduler, dashboard (port 8787, or a free
+port when that is taken) and workers bind 127.0.0.1 only; to expose them on another interface, pass
+``dask_host=`` to :func:`make_task_runner` or set ``MIROFLOW_DASK_HOST`` (e.g. ``0.0.0.0``; put
+authentication in front: the dashboard has none).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from prefect import flow, get_run_logger, task, unmapped
@@ -35,11 +39,19 @@ __all__ = [
     "bin_task",
     "is_transient",
     "make_task_runner",
+    "dask_cluster_kwargs",
     "run",
 ]
 
+#: Interface the local Dask cluster (scheduler, dashboard, workers) binds unless told otherwise.
+DEFAULT_DASK_HOST = "127.0.0.1"
+#: Environment variable that opts in to another bind address for the local Dask cluster.
+DASK_HOST_ENV = "MIROFLOW_DASK_HOST"
+#: Preferred port of the Dask dashboard (distributed picks a free one when it is taken).
+DASK_DASHBOARD_PORT = 8787
+
 #: Delays (s) between the retries of a shard task after a transient storage error.
-RETRY_DELAYS_S = [2, 10, 30]
+RETRY_DELAYS_S: list[float] = [2, 10, 30]
 
 
 def is_transient(exc: BaseException | None) -> bool:
@@ -121,6 +133,7 @@ def score_dataset(
         ``{"shards": n, "scored": n, "skipped": n, "failures": n, "manifest": {...}, "bins": {...}}``.
     """
     p = resolve_params(params_file, overrides, params)
+    stages.preflight(p, "score")  # every problem named before any shard task starts
     shards = read_manifest(p.data.manifest)["shards"]
     score_d = p.score.model_dump(mode="json")
     futures = score_shard_task.map(
@@ -143,8 +156,31 @@ def score_dataset(
     }
 
 
-def make_task_runner(cfg: ScoreConfig) -> Any:
-    """The task runner for shard tasks: threads, or (``executor: dask``) a local Dask cluster."""
+def dask_cluster_kwargs(cfg: ScoreConfig, dask_host: str | None = None) -> dict[str, Any]:
+    """``distributed.LocalCluster`` kwargs for the shard tasks, bound to loopback unless told otherwise.
+
+    Args:
+        cfg: ``params.score`` (``max_workers`` single-threaded worker processes).
+        dask_host: interface for the scheduler, dashboard and workers; default ``$MIROFLOW_DASK_HOST``,
+            else 127.0.0.1. (distributed's own default dashboard address, ``:8787``, is every interface.)
+    """
+    host = (dask_host or os.environ.get(DASK_HOST_ENV, "").strip() or DEFAULT_DASK_HOST).strip()
+    bracketed = f"[{host}]" if ":" in host and not host.startswith("[") else host  # IPv6 literal
+    return {
+        "n_workers": cfg.max_workers,
+        "threads_per_worker": 1,
+        "host": host,
+        "dashboard_address": f"{bracketed}:{DASK_DASHBOARD_PORT}",
+    }
+
+
+def make_task_runner(cfg: ScoreConfig, dask_host: str | None = None) -> Any:
+    """The task runner for shard tasks: threads, or (``executor: dask``) a local Dask cluster.
+
+    Args:
+        cfg: ``params.score``.
+        dask_host: opt-in bind address of the Dask cluster (see :func:`dask_cluster_kwargs`).
+    """
     if cfg.executor == "dask":
         try:
             from prefect_dask import DaskTaskRunner
@@ -152,7 +188,7 @@ def make_task_runner(cfg: ScoreConfig) -> Any:
             raise ImportError(
                 "score.executor is 'dask' but prefect-dask is not installed (pip install '.[dask]')"
             ) from err
-        return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.max_workers, "threads_per_worker": 1})
+        return DaskTaskRunner(cluster_kwargs=dask_cluster_kwargs(cfg, dask_host))
     return ThreadPoolTaskRunner(max_workers=cfg.max_workers)
 
 

@@ -2,6 +2,10 @@
 
 Every stage command accepts ``--params FILE`` (default ``params.yaml``) and DVC-style
 overrides ``-S section.key=value`` (repeatable).
+
+Error boundary (docs/architecture.md, "Errors"): an exception from any command prints one line,
+``error: <message naming the field, file, URI, shard or key>``, and exits 2 for bad input or 1 for
+an operational failure; ``miroflow --debug <command>`` (or ``MIROFLOW_DEBUG=1``) shows the traceback.
 """
 
 from __future__ import annotations
@@ -9,16 +13,47 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from miroflow import stages
 from miroflow.config import Params, ParamsError, load_params
+from miroflow.errors import MiroflowError, describe
 from miroflow.study import run_study
 
+#: Most lines a params error prints on a stage command (``params validate`` prints them all).
+MAX_PROBLEM_LINES = 3
+
+
+class _ErrorBoundary(TyperGroup):
+    """The top-level group: turns any exception a command raises into one line and an exit status."""
+
+    def invoke(self, ctx: Any) -> Any:  # typer's vendored click Context (not public API)
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, typer.TyperException):
+            raise  # typer.Exit, Ctrl-C and usage errors keep click's handling
+        except Exception as exc:
+            if ctx.meta.get("miroflow.debug"):
+                raise
+            if isinstance(exc, ParamsError):  # incl. PreflightError: one line per problem, at most 3
+                _echo_params_error(exc)
+                raise typer.Exit(code=2) from None
+            code, line = describe(exc)
+            typer.echo(f"error: {line}", err=True)
+            if not isinstance(exc, MiroflowError):
+                typer.echo("(rerun with --debug or MIROFLOW_DEBUG=1 for the traceback)", err=True)
+            raise typer.Exit(code=code) from None
+
+
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, help="miroflow: MIRO multi-reward flow-matching pipeline."
+    cls=_ErrorBoundary,
+    add_completion=False,
+    no_args_is_help=True,
+    help="miroflow: MIRO multi-reward flow-matching pipeline.",
+    pretty_exceptions_show_locals=False,  # --debug tracebacks must not print locals (secrets)
 )
 params_app = typer.Typer(no_args_is_help=True, help="Inspect and validate params.yaml.")
 app.add_typer(params_app, name="params")
@@ -29,12 +64,32 @@ SetOpt = Annotated[
 ]
 
 
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    debug: Annotated[
+        bool, typer.Option("--debug", envvar="MIROFLOW_DEBUG", help="Show the traceback of an error.")
+    ] = False,
+) -> None:
+    """miroflow: MIRO multi-reward flow-matching pipeline."""
+    ctx.meta["miroflow.debug"] = debug
+
+
+def _echo_params_error(err: ParamsError) -> None:
+    """At most :data:`MAX_PROBLEM_LINES` lines, each naming the source and the dotted key."""
+    problems = err.problems
+    if len(problems) > MAX_PROBLEM_LINES:
+        more = len(problems) - (MAX_PROBLEM_LINES - 1)
+        problems = [*problems[: MAX_PROBLEM_LINES - 1], f"... and {more} more (miroflow params validate lists all)"]
+    for line in problems:
+        typer.echo(f"{err.source}: {line}", err=True)
+
+
 def _load(params_file: Path, overrides: list[str] | None) -> Params:
     try:
         return load_params(params_file, overrides or [])
     except ParamsError as err:
-        for line in err.problems:
-            typer.echo(f"{err.source}: {line}", err=True)
+        _echo_params_error(err)
         raise typer.Exit(code=2) from None
 
 
@@ -43,16 +98,23 @@ def params_validate(
     file: Annotated[Path, typer.Option("--file", "-f", help="File to validate.")] = Path("params.yaml"),
     overrides: SetOpt = None,
 ) -> None:
-    """Validate a params file; print one line per problem naming the dotted key."""
+    """Validate a params file: types and ranges, then the semantic checks every stage runs first
+    (reward, model, encoder and prompt-set names, targets in [0, 1], domain/URI). One line per
+    problem naming the dotted key; exit 1 if any."""
     if not file.exists():
         typer.echo(f"{file}: file not found", err=True)
         raise typer.Exit(code=2)
     try:
-        load_params(file, overrides or [])
+        params = load_params(file, overrides or [])
     except ParamsError as err:
         for line in err.problems:
             typer.echo(line)
         raise typer.Exit(code=1) from None
+    problems = stages.check_params(params)
+    for line in problems:
+        typer.echo(line)
+    if problems:
+        raise typer.Exit(code=1)
     typer.echo(f"{file}: ok")
 
 
@@ -163,8 +225,7 @@ def study(
     try:
         doc = run_study(params, size="quick" if quick else "default", out_dir=out_dir, study_config=study_file)
     except ParamsError as err:
-        for line in err.problems:
-            typer.echo(f"{err.source}: {line}", err=True)
+        _echo_params_error(err)
         raise typer.Exit(code=2) from None
     typer.echo(f"study written to {doc['results']}")
 

@@ -62,6 +62,8 @@ from typing import Any
 
 import numpy as np
 
+from miroflow.errors import InputError
+
 __all__ = [
     "BINS_FORMAT_VERSION",
     "BinsFormatError",
@@ -77,11 +79,11 @@ __all__ = [
 BINS_FORMAT_VERSION = 1
 
 
-class BinsFormatError(ValueError):
+class BinsFormatError(InputError, ValueError):
     """A bins JSON document (or file) is malformed; the message names the file and/or the key."""
 
 
-class BinFitError(ValueError):
+class BinFitError(InputError, ValueError):
     """Bins cannot be fitted for a reward (no finite values, infinities, bad arguments)."""
 
 

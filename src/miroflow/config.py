@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from miroflow.errors import InputError
+
 __all__ = [
     "DataConfig",
     "DegradationConfig",
@@ -241,7 +243,7 @@ class Params(_Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 
-class ParamsError(ValueError):
+class ParamsError(InputError, ValueError):
     """Invalid params; ``problems`` holds one ``dotted.key: message`` line per problem."""
 
     def __init__(self, source: str, problems: list[str]) -> None:
@@ -326,7 +328,13 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
     source = str(path) if path else "<defaults>"
     if path is not None and Path(path).exists():
         try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
+            text = Path(path).read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ParamsError(source, [f"<file>: not UTF-8 (byte {err.start}: {err.object[err.start]:#04x})"]) from None
+        except OSError as err:
+            raise ParamsError(source, [f"<file>: cannot read ({type(err).__name__}: {err.strerror or err})"]) from None
+        try:
+            loaded = yaml.safe_load(text) or {}
         except yaml.YAMLError as err:
             raise ParamsError(source, [f"<yaml>: {err}"]) from None
         if not isinstance(loaded, dict):

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from miroflow.errors import InputError
 from miroflow.storage import Storage
 
 __all__ = [
@@ -51,7 +52,7 @@ SHAPES_SEED = 1234
 PARTI_HEADER: tuple[str, ...] = ("Prompt", "Category", "Challenge", "Note")
 
 
-class PromptSetError(ValueError):
+class PromptSetError(InputError, ValueError):
     """A prompt-set spec or file is invalid; the message names the spec, file and line."""
 
 

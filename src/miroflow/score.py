@@ -6,7 +6,9 @@ Score
 ``params.score`` (built by :func:`miroflow.rewards.load_rewards`: lazily, so an up-to-date table is
 skipped without building any model), one table per shard at :func:`score_table_uri`, through the
 shard scorer :func:`miroflow.score_engine.score_shard`, and writes the local score manifest. The
-table and manifest formats are :mod:`miroflow.data.score_tables`.
+table and manifest formats are :mod:`miroflow.data.score_tables`. On a rerun (resume), a table is
+only trusted when it matches its hash record ``<stem>.parquet.sha256``; a damaged or truncated one
+is rescored (warning naming it).
 
 Table location: ``<root>/scores/<dataset>/<shard-stem>.parquet`` where ``<dataset>`` is the name of
 the shard's parent folder (the data hash for shards written by ``prepare``; the data hash of

@@ -19,11 +19,13 @@ NaN ``@synthetic`` columns and gets a failure line with ``"scope": "synthetic"``
 the run. A reward that *raises* on a batch is a real error: :class:`ScoreError` names the reward,
 the shard and the batch's first/last key, chained to the original exception.
 
-Idempotence and atomicity: the failures file and then the table are written through
-:class:`~miroflow.storage.Storage` (temp file + rename locally, one PUT on S3), so a half-written
-table is never visible; the table is the commit marker. A shard whose table exists with the same
-reward names and versions (read from the parquet metadata; and the same shard sha256 when the
-caller knows it) is skipped without building or calling any reward model.
+Idempotence and atomicity: the failures file, the table's hash record (``<stem>.parquet.sha256``)
+and then the table are written through :class:`~miroflow.storage.Storage` (temp file + rename
+locally, one PUT on S3), so a half-written table is never visible; the table is the commit marker.
+A shard whose table exists, matches its hash record (or, written without one, parses in full) and
+has the same reward names and versions (read from the parquet metadata; and the same shard sha256
+when the caller knows it) is skipped without building or calling any reward model. A table that
+fails that check (damaged, truncated, foreign) is rescored, with a warning naming it.
 
 The table format is :mod:`miroflow.data.score_tables`.
 """
@@ -47,9 +49,11 @@ from miroflow.data.score_tables import (
     SYNTHETIC_SUFFIX,
     TABLE_FORMAT,
     ScoreError,
+    check_score_table,
     failures_uri,
-    read_table_meta,
     table_bytes,
+    table_hash_record,
+    table_hash_uri,
 )
 from miroflow.data.shards import RECORD_EXTS, decode_image, group_to_record, iter_tar_groups
 from miroflow.rewards import Reward, reward_versions
@@ -326,8 +330,8 @@ def score_shard(
             existing table for other shard bytes is rescored.
 
     Returns:
-        ``{"shard", "uri", "n" (rows), "failures" (count), "failures_uri", "sha256" (table bytes or
-        None when skipped), "skipped" (bool)}``.
+        ``{"shard", "uri", "n" (rows), "failures" (count), "failures_uri", "sha256" (of the table
+        bytes; None for a skipped table that has no hash record), "skipped" (bool)}``.
 
     Raises:
         ScoreError: a reward raised or returned a wrong shape/±inf, or the shard bytes do not match.
@@ -339,7 +343,12 @@ def score_shard(
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate reward names {names}")
     fail_uri = failures_uri(out_uri)
-    meta = read_table_meta(out_uri, storage)
+    check = check_score_table(out_uri, storage)
+    if check.problem is not None:
+        log.warning(
+            "shard %s: existing score table %s is not intact (%s); rescoring", shard_uri, out_uri, check.problem
+        )
+    meta = check.meta
     if meta is not None:
         same_rewards = meta["rewards"] == reward_versions(rewards)  # same names and versions (order-free)
         same_shard = expected_sha256 is None or meta.get("shard_sha256") == expected_sha256
@@ -351,7 +360,7 @@ def score_shard(
                 "n": int(meta.get("n", -1)),
                 "failures": int(meta.get("failures", 0)),
                 "failures_uri": fail_uri,
-                "sha256": None,
+                "sha256": check.sha256 if check.verified else None,
                 "skipped": True,
             }
         log.info(
@@ -398,6 +407,7 @@ def score_shard(
     fail_text = "".join(json.dumps(f, sort_keys=True, ensure_ascii=False) + "\n" for f in failures)
     storage.write_bytes(fail_uri, fail_text.encode("utf-8"))
     data = table_bytes(columns, table_meta)
+    storage.write_bytes(table_hash_uri(out_uri), table_hash_record(data, out_uri))
     storage.write_bytes(out_uri, data)  # last: the table is the commit marker
     if failures:
         log.warning("shard %s: %d failure(s) listed in %s", shard_uri, len(failures), fail_uri)

@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, TypeVar, cast
 from urllib.parse import unquote
 
+from miroflow.errors import InputError, OperationalError
+
 if TYPE_CHECKING:  # pragma: no cover
     from miroflow.config import StorageConfig
 
@@ -72,7 +74,7 @@ _TRANSIENT_CODES = frozenset(
 )
 
 
-class StorageError(RuntimeError):
+class StorageError(OperationalError, RuntimeError):
     """A storage operation failed. The message always names the URI (and the bucket if missing).
 
     Attributes:
@@ -85,11 +87,15 @@ class StorageError(RuntimeError):
 
 
 class NotFoundError(StorageError):
-    """The object or file does not exist (its bucket or directory may exist)."""
+    """The object or file does not exist (its bucket or directory may exist). Bad input: exit 2."""
+
+    exit_code = 2
 
 
 class NoSuchBucketError(StorageError):
-    """The S3 bucket does not exist. ``bucket`` names it."""
+    """The S3 bucket does not exist. ``bucket`` names it. Bad input: exit 2."""
+
+    exit_code = 2
 
     def __init__(self, message: str, uri: str, bucket: str) -> None:
         super().__init__(message, uri)
@@ -97,11 +103,15 @@ class NoSuchBucketError(StorageError):
 
 
 class InvalidURIError(StorageError, ValueError):
-    """The URI cannot be parsed (unknown scheme, no bucket, bad bucket name, ...)."""
+    """The URI cannot be parsed (unknown scheme, no bucket, bad bucket name, ...). Exit 2."""
+
+    exit_code = 2
 
 
 class UnsafeKeyError(StorageError, ValueError):
     """An object key cannot become a local path safely (absolute, ``..``, empty segments, outside the target)."""
+
+    exit_code = 2
 
 
 def local_target(root: Path, rel: str, uri: str) -> Path:
@@ -210,6 +220,78 @@ def join_uri(base: str, *parts: str) -> str:
 def sha256_bytes(data: bytes) -> str:
     """Hex SHA-256 of ``data`` (64 lowercase hex characters)."""
     return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    """Hex SHA-256 of the local file ``path``, read in chunks (never whole into memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk_bytes):
+            h.update(block)
+    return h.hexdigest()
+
+
+class IntegrityError(InputError, ValueError):
+    """A stored file does not match the sha256/size recorded for it (or is missing, or unparseable).
+
+    Attributes:
+        uri: the artifact (e.g. a checkpoint directory) the file belongs to.
+        file: the file, relative to ``uri``.
+    """
+
+    def __init__(self, message: str, uri: str, file: str) -> None:
+        super().__init__(message)
+        self.uri = uri
+        self.file = file
+
+
+def file_record(data: bytes) -> dict[str, Any]:
+    """The hash record of one file's bytes: ``{"sha256": hex, "size": bytes}``."""
+    return {"sha256": sha256_bytes(data), "size": len(data)}
+
+
+def verify_file_records(
+    root: Path, records: Any, uri: str, select: Callable[[str], bool] | None = None, kind: str = "directory"
+) -> list[str]:
+    """Check local copies of ``uri``'s files under ``root`` against ``records`` ``{rel: {"sha256", "size"}}``.
+
+    Only the entries ``select(rel)`` picks (default all) are checked: each must exist, have the
+    recorded size and the recorded sha256. Returns the checked ``rel`` paths, sorted.
+
+    Raises:
+        IntegrityError: naming ``kind uri`` and the first file that is missing, has another size or
+            another sha256, or a malformed record.
+        UnsafeKeyError: a recorded path that is not a safe relative path (see :func:`local_target`).
+    """
+    if not isinstance(records, dict):
+        raise IntegrityError(f"{kind} {uri}: malformed hash record (expected a mapping, got {records!r:.80})", uri, "")
+    checked = []
+    for rel in sorted(records):
+        if select is not None and not select(rel):
+            continue
+        rec = records[rel]
+        if not (isinstance(rec, dict) and isinstance(rec.get("sha256"), str) and isinstance(rec.get("size"), int)):
+            raise IntegrityError(f"{kind} {uri}: malformed hash record for {rel}: {rec!r:.120}", uri, rel)
+        path = local_target(root, rel, join_uri(uri, rel))
+        if not path.is_file():
+            raise IntegrityError(f"{kind} {uri}: file {rel} is missing (listed in its hash record)", uri, rel)
+        size = path.stat().st_size
+        if size != rec["size"]:
+            raise IntegrityError(
+                f"{kind} {uri}: file {rel} has {size} bytes, its hash record says {rec['size']} (truncated or replaced)",
+                uri,
+                rel,
+            )
+        digest = sha256_file(path)
+        if digest != rec["sha256"]:
+            raise IntegrityError(
+                f"{kind} {uri}: file {rel} does not match its hash record "
+                f"(sha256 {digest[:12]}…, recorded {rec['sha256'][:12]}…): the file is damaged",
+                uri,
+                rel,
+            )
+        checked.append(rel)
+    return checked
 
 
 def _is_transient_client_error(exc: Exception) -> bool:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from miroflow.checkpoint import checkpoint_uri, latest_checkpoint, load_for_resume, prune_checkpoints, run_uri
+from miroflow.checkpoint import checkpoint_uri, prune_checkpoints, resume_latest, run_uri
 from miroflow.conditioning import BinSet, load_bins
 from miroflow.config import Params
 from miroflow.data.hashing import data_hash
@@ -143,19 +143,22 @@ def build_train_state(
     params: Params, storage: Storage | None = None, tracker: Tracker | None = None, resume: bool = False
 ) -> TrainState:
     """Set up DDP, load the data (shards + scores + bins + embed sidecars), codec and text encoder, create
-    (``torch.manual_seed(train.seed)``) or resume (latest checkpoint of the run) the denoiser, and build the
+    (``torch.manual_seed(train.seed)``) or resume the denoiser, and build the
     :class:`~miroflow.train_state.TrainState`.
+
+    Resume takes the newest complete checkpoint of the run that passes its hash record and loads
+    (:func:`~miroflow.checkpoint.resume_latest`); newer damaged ones are skipped with a warning.
 
     Raises:
         ValueError: unknown ``train.rewards`` or a bad ``train.optimizer`` / ``train.batch_size``.
         ArchitectureMismatch: resuming a checkpoint of another architecture.
+        CheckpointError: resuming a run whose complete checkpoints are all damaged (names the run).
     """
     tp = params.train
     storage = storage or from_config(params.storage)
     ctx = setup_dist(tp.device)
     reward_names, binset = resolve_reward_names(params)
-    resume_uri = latest_checkpoint(run_uri(params), storage) if resume else None
-    rs = load_for_resume(resume_uri, params, reward_names, storage) if resume_uri else None
+    rs = resume_latest(run_uri(params), params, reward_names, storage) if resume else None
     check_train_config(tp, ctx.world)
     learned = tp.text_encoder == "learned"
     frozen = None if learned else create_text_encoder(tp.text_encoder, device=ctx.device)
@@ -284,7 +287,7 @@ def run_train(
             log_samples(state)
         if main and (step % tp.checkpoint_every == 0 or step == stop):
             save_train_checkpoint(state, checkpoint_uri(state.run, step))
-            prune_checkpoints(state.run, tp.keep_last, state.storage)
+            prune_checkpoints(state.run, tp.keep_last, state.storage, newest=step)
     bar.close()
     final = checkpoint_uri(state.run, state.step)
     if state.step == tp.steps:

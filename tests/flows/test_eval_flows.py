@@ -9,6 +9,7 @@ from uuid import UUID
 import pytest
 
 from miroflow.config import Params
+from miroflow.preflight import PreflightError
 from tests.tiny_models import tiny_random_pipeline
 
 REWARDS = ["sharpness", "contrast", "shapes_alignment"]
@@ -93,7 +94,8 @@ def test_evaluate_flow_fails_on_a_missing_checkpoint(prefect_server: None, tmp_p
 
     state = evaluate(params=_params(tmp_path, str(tmp_path / "nope"), tracking=False), return_state=True)
     assert state.is_failed()
-    with pytest.raises(FileNotFoundError, match="nope"):
+    assert "eval.checkpoint:" in (state.message or "") and "nope" in (state.message or "")  # the one line
+    with pytest.raises(PreflightError, match=r"eval\.checkpoint: .*nope is not a complete checkpoint"):
         state.result()
 
 

@@ -14,7 +14,12 @@ One parquet file per shard, ``<root>/scores/<dataset>/<shard-stem>.parquet`` (se
 
 Schema metadata key ``miroflow`` holds JSON ``{"rewards": {name: version}, "shard": uri,
 "shard_sha256": hex, "n": rows, "failures": count, "synthetic": bool, "format": 1}``. Next to each
-table, ``<stem>.failures.jsonl`` lists the samples left out of it (:func:`failures_uri`).
+table, ``<stem>.failures.jsonl`` lists the samples left out of it (:func:`failures_uri`), and
+``<stem>.parquet.sha256`` holds the sha256 of the table's bytes in ``sha256sum`` format
+(``"<hex>  <stem>.parquet\n"``, :func:`table_hash_uri`). The score stage writes it *before* the
+table (the table stays the commit marker) and checks it before trusting a table on resume
+(:func:`check_score_table`); :func:`load_score_table` checks it too. A table without one (written
+before the record existed) is trusted once it parses in full.
 
 Score manifest
 --------------
@@ -26,14 +31,17 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from miroflow.storage import Storage
+from miroflow.errors import OperationalError
+from miroflow.storage import Storage, sha256_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -43,6 +51,10 @@ __all__ = [
     "SYNTHETIC_SUFFIX",
     "ScoreError",
     "failures_uri",
+    "table_hash_uri",
+    "table_hash_record",
+    "TableCheck",
+    "check_score_table",
     "table_bytes",
     "read_table_meta",
     "load_score_table",
@@ -55,9 +67,10 @@ TABLE_FORMAT = 1
 #: Column suffix of prompt-dependent rewards scored with the synthetic caption.
 SYNTHETIC_SUFFIX = "@synthetic"
 _META_KEY = b"miroflow"
+_HASH_LINE = re.compile(r"^([0-9a-f]{64})  (\S.*)\n?$")
 
 
-class ScoreError(RuntimeError):
+class ScoreError(OperationalError, RuntimeError):
     """Scoring failed; the message names the shard, the reward and/or the keys involved."""
 
 
@@ -65,6 +78,86 @@ def failures_uri(table_uri: str) -> str:
     """``<stem>.parquet`` → ``<stem>.failures.jsonl`` (same folder)."""
     base = table_uri[: -len(".parquet")] if table_uri.endswith(".parquet") else table_uri
     return base + ".failures.jsonl"
+
+
+def table_hash_uri(table_uri: str) -> str:
+    """``<stem>.parquet`` → ``<stem>.parquet.sha256`` (the table's hash record, same folder)."""
+    return table_uri + ".sha256"
+
+
+def table_hash_record(data: bytes, table_uri: str) -> bytes:
+    """The content of :func:`table_hash_uri`: ``"<sha256 of data>  <table file name>\n"`` (``sha256sum`` format)."""
+    return f"{sha256_bytes(data)}  {PurePosixPath(table_uri).name}\n".encode()
+
+
+@dataclass(frozen=True)
+class TableCheck:
+    """What :func:`check_score_table` found at a table URI.
+
+    Attributes:
+        meta: the table's ``miroflow`` metadata when the table is intact, else None.
+        sha256: the sha256 of the table's bytes when it is intact, else None.
+        problem: why an existing table is not to be trusted (damaged, truncated, foreign), else None.
+        verified: the table matched its hash record (False for a table written without one).
+    """
+
+    meta: dict[str, Any] | None
+    sha256: str | None = None
+    problem: str | None = None
+    verified: bool = False
+
+
+def check_score_table(uri: str, storage: Storage) -> TableCheck:
+    """Check the score table at ``uri`` before trusting it (the score stage's resume check).
+
+    - no table: ``TableCheck(None)``;
+    - a hash record (:func:`table_hash_uri`) exists: the table's sha256 must match it, and its
+      ``miroflow`` metadata must parse;
+    - no hash record (a table written before records existed): the whole table must parse.
+
+    Any failure is reported in ``problem`` (never raised), so the caller rescores the shard.
+    """
+    if not storage.exists(uri):
+        return TableCheck(None)
+    data = storage.read_bytes(uri)
+    digest = sha256_bytes(data)
+    hash_uri = table_hash_uri(uri)
+    verified = storage.exists(hash_uri)
+    if verified:
+        recorded = _recorded_sha256(storage, hash_uri)
+        if recorded is None:
+            return TableCheck(None, problem=f"its hash record {hash_uri} is unreadable")
+        if recorded != digest:
+            return TableCheck(
+                None,
+                problem=f"sha256 {digest[:12]}… of its {len(data)} bytes does not match {recorded[:12]}… "
+                f"recorded in {hash_uri} (damaged or truncated)",
+            )
+    try:
+        if not verified:
+            pq.read_table(io.BytesIO(data))  # no record: the whole table must at least parse
+        meta = _meta_of(data)
+    except Exception as err:
+        return TableCheck(None, problem=f"unreadable or foreign: {type(err).__name__}: {err}")
+    return TableCheck(meta, digest, None, verified)
+
+
+def _recorded_sha256(storage: Storage, hash_uri: str) -> str | None:
+    """The hex digest in the hash record at ``hash_uri`` (None if it is not one)."""
+    m = _HASH_LINE.match(storage.read_bytes(hash_uri).decode("utf-8", errors="replace"))
+    return m.group(1) if m else None
+
+
+def _meta_of(data: bytes) -> dict[str, Any]:
+    """The ``miroflow`` schema metadata of parquet ``data``; ValueError if absent or malformed."""
+    schema = pq.read_schema(io.BytesIO(data))
+    raw = (schema.metadata or {}).get(_META_KEY)
+    if raw is None:
+        raise ValueError("no 'miroflow' schema metadata")
+    meta = json.loads(raw.decode("utf-8"))
+    if not isinstance(meta, dict) or not isinstance(meta.get("rewards"), dict):
+        raise ValueError("metadata lacks a 'rewards' mapping")
+    return meta
 
 
 def table_bytes(columns: dict[str, np.ndarray], meta: dict[str, Any]) -> bytes:
@@ -95,16 +188,9 @@ def read_table_meta(uri: str, storage: Storage) -> dict[str, Any] | None:
         return None
     data = storage.read_bytes(uri)
     try:
-        schema = pq.read_schema(io.BytesIO(data))
-        raw = (schema.metadata or {}).get(_META_KEY)
-        if raw is None:
-            raise ValueError("no 'miroflow' schema metadata")
-        meta = json.loads(raw.decode("utf-8"))
-        if not isinstance(meta, dict) or not isinstance(meta.get("rewards"), dict):
-            raise ValueError("metadata lacks a 'rewards' mapping")
+        return _meta_of(data)
     except Exception as err:
         raise ScoreError(f"score table {uri} is unreadable or foreign: {type(err).__name__}: {err}") from err
-    return meta
 
 
 def load_score_table(uri: str, storage: Storage | None = None) -> pd.DataFrame:
@@ -113,10 +199,17 @@ def load_score_table(uri: str, storage: Storage | None = None) -> pd.DataFrame:
     ``df.attrs["miroflow"]`` holds the table metadata (rewards, shard, shard_sha256, ...).
 
     Raises:
-        ScoreError: the object is not readable parquet.
+        ScoreError: the object is not readable parquet, or does not match its hash record
+            (:func:`table_hash_uri`, checked when it exists).
     """
     storage = storage or Storage()
     data = storage.read_bytes(uri)
+    hash_uri = table_hash_uri(uri)
+    if storage.exists(hash_uri) and _recorded_sha256(storage, hash_uri) != sha256_bytes(data):
+        raise ScoreError(
+            f"score table {uri} does not match its hash record {hash_uri} (damaged or truncated); "
+            "rerun the score stage to rescore it"
+        )
     try:
         table = pq.read_table(io.BytesIO(data))
     except Exception as err:

@@ -45,6 +45,7 @@ from miroflow.data.tar_reader import (
     reject,
     split_member_name,
 )
+from miroflow.errors import InputError
 from miroflow.storage import Storage, StorageError, join_uri, parse_uri
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ _EXT_ORDER = {"img": 0, "json": 1, "txt": 2}
 _SPOOL_BYTES = 64 * 1024 * 1024
 
 
-class ManifestError(ValueError):
+class ManifestError(InputError, ValueError):
     """A manifest file is missing or malformed. The message names the file."""
 
 

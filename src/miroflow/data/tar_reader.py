@@ -14,6 +14,8 @@ import re
 from collections.abc import Callable, Collection, Iterator
 from typing import IO
 
+from miroflow.errors import InputError
+
 log = logging.getLogger(__name__)
 
 #: Our sample keys: ``[A-Za-z0-9_-]+``.
@@ -30,7 +32,7 @@ MAX_MEMBER_BYTES = 256 * 1024 * 1024
 RejectFn = Callable[[dict[str, str]], None]
 
 
-class ShardError(ValueError):
+class ShardError(InputError, ValueError):
     """A shard (or one of its members) is invalid. The message names the shard and member/key."""
 
 

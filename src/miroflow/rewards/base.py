@@ -13,6 +13,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from miroflow.data.score_tables import ScoreError
+from miroflow.errors import InputError
 
 __all__ = ["Reward", "RewardNotFound", "RewardBuildError"]
 
@@ -34,7 +35,7 @@ class Reward(Protocol):
         ...
 
 
-class RewardNotFound(KeyError):
+class RewardNotFound(InputError, KeyError):
     """Unknown reward name; the message lists the valid names."""
 
     def __str__(self) -> str:  # KeyError quotes its message otherwise

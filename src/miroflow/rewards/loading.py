@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from miroflow.errors import InputError
+
 __all__ = [
     "OPENAI_CLIP_MEAN",
     "OPENAI_CLIP_STD",
@@ -40,7 +42,7 @@ OPENAI_CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.4082107
 OPENAI_CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
 
-class MissingWeightsError(FileNotFoundError):
+class MissingWeightsError(InputError, FileNotFoundError):
     """A reward's weights are not configured or not found; the message says how to provide them."""
 
     def __str__(self) -> str:

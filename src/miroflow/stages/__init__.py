@@ -17,6 +17,7 @@ Stages that run once per model write a per-run manifest (``<manifests>/<stage>-<
 | :func:`demo` | ``miroflow demo`` | :class:`DemoResult` |
 """
 
+from miroflow.preflight import PreflightError, check_params, preflight
 from miroflow.stages._common import DEFAULT, is_main_process, run_manifest_path
 from miroflow.stages.data import bin_scores, embed, prepare, score, score_one_shard, score_result, write_scores
 from miroflow.stages.evaluate import evaluate, sweep, tts
@@ -26,14 +27,17 @@ from miroflow.stages.train import model_kind, train
 __all__ = [
     "DEFAULT",
     "DataResult",
+    "PreflightError",
     "DemoResult",
     "bin_scores",
+    "check_params",
     "data_stages",
     "demo",
     "embed",
     "evaluate",
     "is_main_process",
     "model_kind",
+    "preflight",
     "prepare",
     "run_manifest_path",
     "score",

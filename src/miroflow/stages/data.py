@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from miroflow.config import Params, ScoreConfig, StorageConfig
 from miroflow.data.score_tables import write_score_manifest
 from miroflow.embed import embeds_manifest_path, run_embed
+from miroflow.preflight import preflight
 from miroflow.prepare import run_prepare
 from miroflow.results import BinResult, EmbedResult, PrepareResult, ScoreResult, ShardRef, ShardScore
 from miroflow.rewards import load_rewards
@@ -19,6 +20,7 @@ __all__ = ["prepare", "score", "score_one_shard", "write_scores", "bin_scores", 
 
 def prepare(params: Params, storage: Storage | None = None) -> PrepareResult:
     """Render (shapes) or import (cc12m-style tars) the dataset into shards; writes ``data.manifest``."""
+    preflight(params, "prepare", storage)
     m = run_prepare(params, storage)
     return PrepareResult(
         manifest=str(params.data.manifest),
@@ -33,6 +35,7 @@ def prepare(params: Params, storage: Storage | None = None) -> PrepareResult:
 
 def score(params: Params, storage: Storage | None = None, shard_uris: Sequence[str] | None = None) -> ScoreResult:
     """Score every shard (or ``shard_uris``) with ``score.rewards``; writes ``score.manifest``. Resumable."""
+    preflight(params, "score", storage)
     m = run_score(params, storage, list(shard_uris) if shard_uris is not None else None)
     return score_result(params, m)
 
@@ -78,6 +81,7 @@ def write_scores(params: Params, shards: Sequence[ShardScore]) -> ScoreResult:
 
 def bin_scores(params: Params, storage: Storage | None = None) -> BinResult:
     """Fit ``score.num_bins`` quantile bins per reward; writes ``score.bins`` (+ a copy in storage)."""
+    preflight(params, "bin", storage)
     b = run_bin(params, storage)
     return BinResult(
         path=str(params.score.bins),
@@ -90,6 +94,7 @@ def bin_scores(params: Params, storage: Storage | None = None) -> BinResult:
 
 def embed(params: Params, storage: Storage | None = None) -> EmbedResult:
     """Text-embedding (and VAE-latent) sidecars per shard; writes ``embeds.json`` next to ``data.manifest``."""
+    preflight(params, "embed", storage)
     m = run_embed(params, storage)
     return EmbedResult(
         manifest=str(embeds_manifest_path(params)), sidecars=len(m["sidecars"]), encoder=str(m["encoder"])

@@ -7,6 +7,7 @@ from pathlib import Path
 from miroflow.config import Params
 from miroflow.evaluate import ensure_pipeline, run_evaluate
 from miroflow.pipeline import MiroPipeline
+from miroflow.preflight import preflight
 from miroflow.results import BestOfNResult, EvalSummary, SweepResult
 from miroflow.stages._common import DEFAULT, run_manifest_path, write_result
 from miroflow.storage import Storage, from_config
@@ -34,6 +35,7 @@ def evaluate(
         pipeline: an already loaded model (default: ``eval.checkpoint`` or the run's latest checkpoint).
         tracker: log into this run instead of opening ``eval-<run name>`` (e.g. a study's child run).
     """
+    preflight(params, "evaluate", storage, model_given=pipeline is not None)
     path = run_manifest_path(params, "eval") if manifest == DEFAULT else manifest
     if tracker is not None:
         summary = run_evaluate(params, pipeline=pipeline, storage=storage, out_uri=out_uri, tracker=tracker)
@@ -58,6 +60,7 @@ def tts(
     """Best-of-N test-time scaling (``miroflow tts``): ``max(sweep.best_of_n)`` candidates per prompt,
     selected by ``sweep.select_by``; tracked as ``tts-<run name>``; manifest ``<manifests>/tts-<run name>.json``.
     ``tracker`` logs into that run instead of opening ``tts-<run name>`` (e.g. a study's child run)."""
+    preflight(params, "tts", storage, model_given=pipeline is not None)
     path = run_manifest_path(params, "tts") if manifest == DEFAULT else manifest
     if tracker is not None:
         res = run_tts(params, pipeline=pipeline, storage=storage, tracker=tracker, out_uri=out_uri)
@@ -82,6 +85,7 @@ def sweep(
 ) -> SweepResult:
     """ω, reward-target and best-of-N grids of one model (``miroflow sweep``): one parent MLflow run
     ``sweep-<model>``, one child per point, plots on the parent; manifest ``<manifests>/sweep-<run name>.json``."""
+    preflight(params, "sweep", storage, model_given=pipeline is not None)
     path = run_manifest_path(params, "sweep") if manifest == DEFAULT else manifest
     st = storage or from_config(params.storage)
     pipe, checkpoint = ensure_pipeline(params, st, pipeline)

@@ -6,6 +6,7 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 from miroflow.config import Params
+from miroflow.preflight import PreflightError, preflight
 from miroflow.results import TrainResult
 from miroflow.stages._common import DEFAULT, run_manifest_path, write_result
 from miroflow.storage import Storage
@@ -35,6 +36,9 @@ def train(
     ``tracker`` logs into that run instead of opening one (e.g. a study's child run); ``storage``
     defaults to one built from ``params.storage``.
     """
+    if max_steps is not None and max_steps < 1:
+        raise PreflightError("train", [f"--max-steps: must be >= 1, got {max_steps}"])
+    preflight(params, "train", storage)
     path = run_manifest_path(params, "train") if manifest == DEFAULT else manifest
     kind = model_kind(params)
     run: AbstractContextManager[Tracker] = (
