@@ -236,7 +236,12 @@ def raw_member(draw: st.DrawFn) -> bytes:
     out = raw_header(name, size, kind if rarely() else b"0", ustar=not rarely()) + pad(payload)
     meta = draw(st.sampled_from(["none", "pax", "pax", "long", "huge"])) if draw(st.booleans()) else "none"
     if meta == "pax":
-        body = draw(pax_bodies)
+        if rarely():
+            body = draw(pax_bodies)
+        else:  # what tarfile writes for a long/unicode name or a size beyond the octal field
+            path = draw(member_names).encode("utf-8", "surrogateescape")
+            pax_size = draw(pax_values) if rarely() else str(len(payload)).encode()
+            body = pax_record(b"path", path) + (pax_record(b"size", pax_size) if draw(st.booleans()) else b"")
         body_size = draw(size_fields) if rarely() else octal(len(body))
         out = raw_header(b"././@PaxHeader", body_size, b"x") + pad(body) + out
     elif meta == "long":

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from miroflow.data.importers import import_tars
-from miroflow.data.shards import decode_image, encode_image, iter_shard
+from miroflow.data.shards import ShardError, decode_image, encode_image, iter_shard
 from miroflow.storage import Storage
 
 
@@ -152,3 +152,28 @@ def test_import_from_s3_to_s3(moto_server: str, s3_bucket: str) -> None:
     )
     recs = [r for e in report.entries for r in iter_shard(e["uri"], storage)]
     assert [r["txt"] for r in recs] == ["photo number 0", "photo number 1", "photo number 2"]
+
+
+def test_truncated_tar_keeps_the_complete_sample_before_the_cut(tmp_path: Path) -> None:
+    whole = cc12m_tar(good=3, extra=False)
+    # cut inside the header of the third sample's first member: samples 0 and 1 are whole
+    offsets = []
+    with tarfile.open(fileobj=io.BytesIO(whole)) as tf:
+        offsets = [m.offset for m in tf.getmembers()]
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.tar").write_bytes(whole[: offsets[6] + 100])
+    report = import_tars(str(tmp_path / "src"), str(tmp_path / "out"), "train", 10, Storage(retries=0), progress=False)
+    assert report.num_ok == 2
+    assert [r["txt"] for r in iter_shard(report.entries[0]["uri"], Storage(retries=0))] == [
+        "photo number 0",
+        "photo number 1",
+    ]
+    assert any("truncated" in r["reason"] for r in report.rejected)
+
+
+@pytest.mark.parametrize("content", [b"", b"this is not a tar file at all" * 40, tarfile.BLOCKSIZE * 2 * b"\0"])
+def test_empty_or_non_tar_source_is_an_error_not_zero_samples(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.tar").write_bytes(content)
+    with pytest.raises(ShardError, match=r"no usable sample in 1 tar file"):
+        import_tars(str(tmp_path / "src"), str(tmp_path / "out"), "train", 10, Storage(retries=0), progress=False)

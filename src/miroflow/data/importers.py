@@ -80,7 +80,7 @@ def iter_import_samples(
         stream = storage.open_read(tar_uri)
         try:
             for key, group in iter_tar_groups(
-                stream, tar_uri, report.rejected.append, key_re=SOURCE_KEY_RE, keep=RECORD_EXTS
+                stream, tar_uri, report.rejected.append, key_re=SOURCE_KEY_RE, keep=RECORD_EXTS, salvage=True
             ):
                 rec = group_to_record(key, group, tar_uri)
                 if isinstance(rec, str):
@@ -147,6 +147,14 @@ def import_tars(
         image_format="jpg",
         progress=progress,
     )
+    if report.num_ok == 0:
+        reasons = "; ".join(
+            f"{r.get('key') or r.get('member') or r['source']}: {r['reason']}" for r in report.rejected[:3]
+        )
+        raise ShardError(
+            f"import from {source_prefix}: no usable sample in {len(tars)} tar file(s)"
+            + (f" ({len(report.rejected)} rejected; first: {reasons})" if reasons else " (they are empty)")
+        )
     log.info(
         "imported %d samples from %d tars into %d shards under %s; %d rejected",
         report.num_ok,

@@ -77,6 +77,7 @@ def iter_tar_groups(
     key_re: re.Pattern[str] = KEY_RE,
     max_member_bytes: int = MAX_MEMBER_BYTES,
     keep: Collection[str] | None = None,
+    salvage: bool = False,
 ) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Stream a tar and yield ``(key, {ext: bytes})`` for each group of consecutive same-key members.
 
@@ -88,6 +89,9 @@ def iter_tar_groups(
     With ``keep`` (lower-case extensions), members with any other extension are skipped unread —
     they cost no memory and their size is not checked — so a caller that only uses images and
     captions never holds, say, a 200 MB ``.npy`` side member in RAM.
+
+    With ``salvage``, a truncated or corrupt stream first yields the sample in progress (made of
+    the members read completely before the damage), then raises ``ShardError`` as usual.
     """
     seen: set[str] = set()
     cur_key: str | None = None
@@ -102,35 +106,40 @@ def iter_tar_groups(
         else:
             yield cur_key, cur
 
-    for member in _iter_tar(stream, shard):
-        name = member.name
-        if not member.regular:
-            reject(on_reject, shard, "not a regular file member (link/dir/device)", member=name)
-            continue
-        parsed = split_member_name(name, key_re)
-        if isinstance(parsed, str):
-            reject(on_reject, shard, parsed, member=name)
-            continue
-        key, ext = parsed
-        if key != cur_key:
+    try:
+        for member in _iter_tar(stream, shard):
+            name = member.name
+            if not member.regular:
+                reject(on_reject, shard, "not a regular file member (link/dir/device)", member=name)
+                continue
+            parsed = split_member_name(name, key_re)
+            if isinstance(parsed, str):
+                reject(on_reject, shard, parsed, member=name)
+                continue
+            key, ext = parsed
+            if key != cur_key:
+                yield from flush()
+                if key in seen:
+                    cur_key, cur, cur_bad = key, {}, "duplicate key (members not contiguous)"
+                else:
+                    cur_key, cur, cur_bad = key, {}, None
+                seen.add(key)
+            if ext in PICKLE_EXTS:
+                cur_bad = f"pickle member {name!r} (never unpickled)"
+                continue
+            if keep is not None and ext not in keep:
+                continue  # skipped unread by _iter_tar after this loop step
+            if member.size > max_member_bytes:
+                cur_bad = f"member {name!r} too large ({member.size} bytes > {max_member_bytes})"
+                continue
+            if ext in cur:
+                cur_bad = f"duplicate member {name!r}"
+                continue
+            cur[ext] = member.read()
+    except ShardError:
+        if salvage:  # a cut-off tar: the members read so far are whole, keep the sample they form
             yield from flush()
-            if key in seen:
-                cur_key, cur, cur_bad = key, {}, "duplicate key (members not contiguous)"
-            else:
-                cur_key, cur, cur_bad = key, {}, None
-            seen.add(key)
-        if ext in PICKLE_EXTS:
-            cur_bad = f"pickle member {name!r} (never unpickled)"
-            continue
-        if keep is not None and ext not in keep:
-            continue  # skipped unread by _iter_tar after this loop step
-        if member.size > max_member_bytes:
-            cur_bad = f"member {name!r} too large ({member.size} bytes > {max_member_bytes})"
-            continue
-        if ext in cur:
-            cur_bad = f"duplicate member {name!r}"
-            continue
-        cur[ext] = member.read()
+        raise
     yield from flush()
 
 
