@@ -264,11 +264,33 @@ def format_validation_error(err: ValidationError) -> list[str]:
     return lines
 
 
-def _parse_scalar(raw: str) -> Any:
-    """YAML-parse an override value; '1e-3' (a string to YAML 1.1) becomes a float."""
+def _load_yaml(text: str, source: str, where: str) -> Any:
+    """``yaml.safe_load(text)``; any failure is a ``ParamsError(source, ["<where>: ..."])``.
+
+    Besides ``YAMLError``, PyYAML's constructors raise builtin errors for scalars they resolve
+    but cannot build (``ValueError``: ``2001-13-45`` is a timestamp, ``!!int abc``, an int of more
+    than 4300 digits; ``KeyError``: ``!!bool maybe``), and deep nesting raises ``RecursionError``.
+    ``safe_load`` has no side effects, so whatever it raises is a problem of the text.
+    """
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ParamsError(source, [f"{where}: {err}"]) from None
+    except RecursionError:
+        raise ParamsError(source, [f"{where}: nested too deeply"]) from None
+    except Exception as err:  # noqa: BLE001 - see the docstring
+        raise ParamsError(source, [f"{where}: invalid value ({type(err).__name__}: {err})"]) from None
+
+
+def _parse_scalar(raw: str, item: str = "<value>") -> Any:
+    """YAML-parse an override value; '1e-3' (a string to YAML 1.1) becomes a float.
+
+    Raises:
+        ParamsError: (source ``overrides``) naming ``item`` when ``raw`` is not valid YAML.
+    """
     if not raw.strip():
         return ""
-    value = yaml.safe_load(raw)
+    value = _load_yaml(raw, "overrides", item)
     if isinstance(value, str):
         for cast in (int, float):
             try:
@@ -288,7 +310,7 @@ def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
         key = key.strip()
         if not key:
             raise ParamsError("overrides", [f"{item}: empty key"])
-        value = _parse_scalar(raw)
+        value = _parse_scalar(raw, item)
         node = tree
         parts = key.split(".")
         for p in parts[:-1]:
@@ -333,10 +355,7 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
             raise ParamsError(source, [f"<file>: not UTF-8 (byte {err.start}: {err.object[err.start]:#04x})"]) from None
         except OSError as err:
             raise ParamsError(source, [f"<file>: cannot read ({type(err).__name__}: {err.strerror or err})"]) from None
-        try:
-            loaded = yaml.safe_load(text) or {}
-        except yaml.YAMLError as err:
-            raise ParamsError(source, [f"<yaml>: {err}"]) from None
+        loaded = _load_yaml(text, source, "<yaml>") or {}
         if not isinstance(loaded, dict):
             raise ParamsError(source, ["<root>: expected a mapping"])
         raw = loaded

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +49,13 @@ __all__ = [
 SHAPES_DEFAULT_PER_CATEGORY = 25
 #: Seed of the shapes evaluation scenes (fixed: the set must not change between runs).
 SHAPES_SEED = 1234
+#: Most prompts per category ``shapes:<k>`` renders (60,000 prompts; ~6 s): a larger ``k`` is an error,
+#: a larger ``n`` is capped, instead of a spec like ``shapes:99999999`` rendering for hours.
+SHAPES_MAX_PER_CATEGORY = 10_000
+#: Line ends of prompt files: LF, CRLF or CR only. ``str.splitlines`` also splits at
+#: \x0b, \x0c, \x1c-\x1e, \x85, U+2028 and U+2029, which may sit inside a JSON string or a TSV cell
+#: and would shift every line number after them.
+_LINE_END = re.compile(r"\r\n|\r|\n")
 
 PARTI_HEADER: tuple[str, ...] = ("Prompt", "Category", "Challenge", "Note")
 
@@ -111,7 +119,7 @@ def load_prompt_set(spec: str, n: int | None = None, storage: Storage | None = N
     loader, _usage = PROMPT_SETS[name]
     if name == "shapes" and n is not None and not arg:
         # enough scenes per category for the first n of the interleaved order
-        arg = str(max(SHAPES_DEFAULT_PER_CATEGORY, math.ceil(n / 6)))
+        arg = str(min(SHAPES_MAX_PER_CATEGORY, max(SHAPES_DEFAULT_PER_CATEGORY, math.ceil(n / 6))))
     items = loader(arg, storage)
     if not items:
         raise PromptSetError(f"prompt set {spec!r} is empty")
@@ -129,7 +137,16 @@ def _read_text(uri: str, spec: str, storage: Storage | None) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        raise PromptSetError(f"{uri}: not UTF-8 text ({err})") from None
+        line = len(_LINE_END.findall(data[: err.start].decode("utf-8", "replace"))) + 1
+        raise PromptSetError(
+            f"{uri} line {line}: not UTF-8 text (byte {err.start}: {data[err.start]:#04x}, {err.reason})"
+        ) from None
+
+
+def _split_lines(text: str) -> list[str]:
+    """``text`` split at LF, CRLF and CR only (see :data:`_LINE_END`); no trailing empty line."""
+    lines = _LINE_END.split(text)
+    return lines[:-1] if lines and lines[-1] == "" else lines
 
 
 # --------------------------------------------------------------------------- shapes
@@ -144,6 +161,8 @@ def _load_shapes(arg: str, storage: Storage | None) -> list[PromptItem]:
             raise PromptSetError(f"shapes:{arg}: expected an integer number of prompts per category") from None
         if per_cat < 1:
             raise PromptSetError(f"shapes:{arg}: prompts per category must be >= 1")
+        if per_cat > SHAPES_MAX_PER_CATEGORY:
+            raise PromptSetError(f"shapes:{arg}: at most {SHAPES_MAX_PER_CATEGORY} prompts per category")
     else:
         per_cat = SHAPES_DEFAULT_PER_CATEGORY
     records = eval_prompts(per_cat, seed=SHAPES_SEED)
@@ -181,7 +200,7 @@ def parse_geneval(text: str, source: str) -> list[PromptItem]:
             missing/invalid ``tag``, ``prompt`` or ``include``.
     """
     out: list[PromptItem] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(_split_lines(text), start=1):
         if not line.strip():
             continue
         where = f"{source} line {lineno}"
@@ -189,6 +208,10 @@ def parse_geneval(text: str, source: str) -> list[PromptItem]:
             rec = json.loads(line)
         except json.JSONDecodeError as err:
             raise PromptSetError(f"{where}: invalid JSON ({err.msg})") from None
+        except ValueError as err:  # json's own: an integer of more than 4300 digits
+            raise PromptSetError(f"{where}: invalid JSON ({err})") from None
+        except RecursionError:
+            raise PromptSetError(f"{where}: invalid JSON (nested too deeply)") from None
         if not isinstance(rec, dict):
             raise PromptSetError(f"{where}: expected a JSON object, got {type(rec).__name__}")
         missing = [k for k in ("tag", "include", "prompt") if k not in rec]
@@ -217,10 +240,10 @@ def parse_parti(text: str, source: str) -> list[PromptItem]:
     Missing trailing columns are empty. Raises :class:`PromptSetError` naming the file and line
     for a wrong header, an empty prompt or category, or too many columns.
     """
-    lines = text.splitlines()
+    lines = _split_lines(text)
     if not lines:
         expected = "\t".join(PARTI_HEADER)
-        raise PromptSetError(f"{source}: empty file (expected the header {expected!r})")
+        raise PromptSetError(f"{source} line 1: empty file (expected the header {expected!r})")
     header = tuple(h.strip() for h in lines[0].split("\t"))
     if header[: len(PARTI_HEADER)] != PARTI_HEADER:
         raise PromptSetError(f"{source} line 1: header {header!r} is not {PARTI_HEADER!r}")

@@ -3,8 +3,9 @@
 Profiles (``HYPOTHESIS_PROFILE`` selects one; ``fuzz-ci`` is the default):
 
 - ``fuzz-ci``: derandomized (the examples are a function of the test, so CI is reproducible),
-  no example database (nothing is written under the repository), no deadline, few examples:
-  the whole directory runs in seconds.
+  no example database (failures are not replayed from ``.hypothesis/``; hypothesis still caches
+  source constants there, a folder with its own ``.gitignore``), no deadline, few examples: the
+  whole directory runs in seconds.
 - ``fuzz-long``: random, 20x the examples, for a local hunt (``HYPOTHESIS_PROFILE=fuzz-long``);
   a failure prints the ``@reproduce_failure`` blob to paste into the test.
 

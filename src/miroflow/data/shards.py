@@ -336,8 +336,8 @@ def group_to_record(key: str, group: dict[str, bytes], shard: str) -> dict[str, 
     if "json" in group:
         try:
             meta = json.loads(group["json"].decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            return f"metadata (.json) is not valid JSON: {e}"
+        except (ValueError, RecursionError) as e:  # bad UTF-8/JSON, ints over 4300 digits, deep nesting
+            return f"metadata (.json) is not valid JSON: {type(e).__name__}: {str(e)[:200]}"
         if not isinstance(meta, dict):
             return "metadata (.json) is not a JSON object"
     return {

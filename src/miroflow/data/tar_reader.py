@@ -63,10 +63,11 @@ def reject(
         rec["member"] = member
     if key is not None:
         rec["key"] = key
+    # "is not None": an empty member name is still a member (it used to be logged as "key None")
+    what = f" member {member!r}" if member is not None else (f" key {key!r}" if key is not None else "")
     if on_reject is None:
-        what = f" member {member!r}" if member is not None else (f" key {key!r}" if key is not None else "")
         raise ShardError(f"shard {shard}{what}: {reason}")
-    log.warning("shard %s%s rejected: %s", shard, f" member {member!r}" if member else f" key {key!r}", reason)
+    log.warning("shard %s%s rejected: %s", shard, what, reason)
     on_reject(rec)
 
 
@@ -153,6 +154,7 @@ _ZERO_BLOCK = bytes(_BLOCK)
 _REGULAR = frozenset({b"0", b"\x00", b"7"})  # regular file, old-style regular, contiguous file
 _NO_DATA = frozenset({b"1", b"2", b"3", b"4", b"5", b"6"})  # links, devices, directories, FIFOs
 _MAX_META_BYTES = 1024 * 1024  # pax / GNU long-name records
+_PAX_SIZE_RE = re.compile(r"[0-9]{1,30}")  # a pax "size" record: ASCII decimal digits
 
 
 class _TarMember:
@@ -284,20 +286,23 @@ def _iter_tar(stream: IO[bytes], shard: str) -> Iterator[_TarMember]:
                 pax = _pax_records(data, shard)
             continue  # 'g' (global pax) and 'K' (long link name) carry nothing we use
         name = _field_str(hdr[0:100])
+        if kind == b"\x00" and name.endswith("/"):
+            # old V7 style directory, judged on the 100-byte name field as tarfile (and so webdataset)
+            # does, not on a GNU long name / pax path: both readers then see the same members
+            kind = b"5"
         if hdr[257:262] == b"ustar":
             prefix = _field_str(hdr[345:500])
             if prefix:
                 name = prefix + "/" + name
         name = pax.get("path", long_name if long_name is not None else name)
         if "size" in pax:
-            try:
-                size = int(pax["size"])
-            except ValueError:
-                raise ShardError(f"shard {shard} is truncated or corrupt: bad pax size") from None
+            # decimal digits only: int() would also take "-5" (a negative size desynchronises the
+            # stream: the next "header" is read from member data), "1_0", " 7" and non-ASCII digits
+            if not _PAX_SIZE_RE.fullmatch(pax["size"]):
+                raise ShardError(f"shard {shard} is truncated or corrupt: bad pax size {pax['size']!r}")
+            size = int(pax["size"])
             padded = -(-size // _BLOCK) * _BLOCK
         long_name, pax = None, {}
-        if kind == b"\x00" and name.endswith("/"):  # old V7 style directory
-            kind = b"5"
         if kind == b"5":
             name = name.rstrip("/")
         regular = kind in _REGULAR
