@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from miroflow.checkpoint import latest_checkpoint
 from miroflow.config import Params, ScoreConfig
 from miroflow.pipeline import MiroPipeline, load_pipeline
 from miroflow.prompts import PromptItem, load_prompt_set
@@ -191,7 +192,8 @@ def judge_images(images: np.ndarray, prompts: Sequence[str]) -> list[dict[str, A
 
 # --------------------------------------------------------------------------- helpers
 def resolve_checkpoint(params: Params, storage: Storage) -> str:
-    """``eval.checkpoint``, else ``<root>/runs/<train.run_name>/final``, else its newest complete checkpoint.
+    """``eval.checkpoint``, else ``<root>/runs/<train.run_name>/final``, else its newest complete checkpoint
+    whose files match their hash record (damaged newer ones are skipped with a warning).
 
     Raises:
         FileNotFoundError: nothing to evaluate (names the run directory).
@@ -202,20 +204,13 @@ def resolve_checkpoint(params: Params, storage: Storage) -> str:
     final = join_uri(run, "final")
     if storage.exists(join_uri(final, "miro.json")):
         return final
-    base = join_uri(run, "checkpoints")
-    steps = sorted(
-        {
-            f[len(base) + 1 :].split("/", 1)[0]
-            for f in storage.list(base + "/")
-            if f.startswith(base + "/") and f.endswith("/miro.json") and f[len(base) + 1 :].startswith("step-")
-        }
-    )
-    if not steps:
+    newest = latest_checkpoint(run, storage, verify=True)  # skips damaged ones, naming them in the log
+    if newest is None:
         raise FileNotFoundError(
             f"eval.checkpoint is null and run {run} has no final/ or complete checkpoints/step-*/ (miro.json); "
             "train first or set eval.checkpoint"
         )
-    return join_uri(base, steps[-1])
+    return newest
 
 
 def _clean(v: float) -> float | None:

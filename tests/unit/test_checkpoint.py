@@ -334,3 +334,16 @@ def test_prune_never_drops_the_good_checkpoint_for_a_newer_damaged_one(tmp_path:
     assert prune_checkpoints(run, keep=1, storage=storage, newest=15) == [checkpoint_uri(run, 10)]
     assert [s for s, _ in list_checkpoints(run, storage)] == [15, 20]  # 20 left alone: rewritten when reached
     assert latest_checkpoint(run, storage, verify=True) == checkpoint_uri(run, 15)
+
+
+def test_evaluate_resolves_past_a_damaged_newest_checkpoint(tmp_path: Path) -> None:
+    from miroflow.evaluate import resolve_checkpoint
+
+    storage = Storage()
+    root = tmp_path / "store"
+    run = str(root / "runs" / "r")
+    for step in (10, 20):
+        _save(run, step, storage)
+    _flip_byte(Path(checkpoint_uri(run, 20)) / "ema" / "model.safetensors", 100)
+    params = _params(**{"storage.root": str(root), "train.run_name": "r"})
+    assert resolve_checkpoint(params, storage) == checkpoint_uri(run, 10)
