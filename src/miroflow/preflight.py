@@ -23,8 +23,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
+from miroflow.checkpoint import latest_checkpoint, run_uri
 from miroflow.config import Params, ParamsError
-from miroflow.evaluate import resolve_checkpoint
 from miroflow.models.denoiser import MODEL_SIZES
 from miroflow.prompts import PROMPT_SETS, PromptSetError, load_prompt_set
 from miroflow.rewards.registry import available_rewards
@@ -146,6 +146,26 @@ def _sqlite_folder(uri: str) -> Path | None:
     return None
 
 
+def _checkpoint_problem(params: Params, storage: Storage) -> str | None:
+    """Whether evaluate/sweep/tts has a complete checkpoint (``miro.json``) to load; a problem line or ``None``."""
+    try:
+        if params.eval.checkpoint:
+            if storage.exists(join_uri(params.eval.checkpoint, "miro.json")):
+                return None
+            return f"eval.checkpoint: {params.eval.checkpoint} is not a complete checkpoint (no miro.json)"
+        run = run_uri(params)
+        if storage.exists(join_uri(run, "final", "miro.json")) or latest_checkpoint(run, storage) is not None:
+            return None
+    except StorageError as e:
+        if e.exit_code != 2:
+            raise
+        return f"eval.checkpoint: {e}"
+    return (
+        f"eval.checkpoint: is null and run {run} has no final/ or complete checkpoints/step-*/ (miro.json); "
+        "train first or set eval.checkpoint"
+    )
+
+
 def preflight(params: Params, stage: str, storage: Storage | None = None, model_given: bool = False) -> None:
     """Check ``params`` for ``stage`` before any work; raise :class:`PreflightError` listing every problem.
 
@@ -177,13 +197,8 @@ def preflight(params: Params, stage: str, storage: Storage | None = None, model_
         if folder is not None:
             problems.append(_probe_local_dir("tracking.tracking_uri", folder) or "")
     if stage in _NEEDS_MODEL:
-        if not model_given:
-            try:
-                checkpoint = resolve_checkpoint(params, st)
-                if not st.exists(join_uri(checkpoint, "miro.json")):
-                    problems.append(f"eval.checkpoint: {checkpoint} is not a complete checkpoint (no miro.json)")
-            except (FileNotFoundError, StorageError) as e:
-                problems.append(f"eval.checkpoint: {str(e).removeprefix('eval.checkpoint ')}")
+        if not model_given:  # presence only: the loader verifies hashes once, when it reads the files
+            problems.append(_checkpoint_problem(params, st) or "")
         try:
             load_prompt_set(params.eval.prompt_set, params.eval.num_prompts, storage=st)
         except (PromptSetError, StorageError, OSError) as e:

@@ -1,4 +1,4 @@
-"""Stage train: MIRO flow matching on shards + scores + bins (DESIGN §3, §7.7).
+"""Stage train: MIRO flow matching on shards + scores + bins (docs/design.md §3 and §7).
 
 :func:`run_train` = :func:`build_train_state` (data, codec, encoders, denoiser, optimiser, resume),
 then :func:`~miroflow.train_step.make_batch` + :func:`~miroflow.train_step.train_step` per step with
