@@ -27,6 +27,14 @@ from miroflow.study import run_study
 MAX_PROBLEM_LINES = 3
 
 
+def _close_progress_bars() -> None:
+    """Close progress bars an error left open, so the error starts on a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 class _ErrorBoundary(TyperGroup):
     """The top-level group: turns any exception a command raises into one line and an exit status."""
 
@@ -38,6 +46,7 @@ class _ErrorBoundary(TyperGroup):
         except Exception as exc:
             if ctx.meta.get("miroflow.debug"):
                 raise
+            _close_progress_bars()
             if isinstance(exc, ParamsError):  # incl. PreflightError: one line per problem, at most 3
                 _echo_params_error(exc)
                 raise typer.Exit(code=2) from None

@@ -32,14 +32,16 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from miroflow.conditioning import BinSet, fit_bins, save_bins
+from miroflow.conditioning import BinFitError, BinSet, fit_bins, save_bins
 from miroflow.config import Params
 from miroflow.data.hashing import data_hash
 from miroflow.data.score_tables import (
     SYNTHETIC_SUFFIX,
     TABLE_FORMAT,
     ScoreError,
+    ScoreInputError,
     failures_uri,
+    finite_or_nan,
     load_score_table,
     read_score_manifest,
     write_score_manifest,
@@ -133,7 +135,8 @@ def run_bin(params: Params, storage: Storage | None = None) -> BinSet:
     Raises:
         ScoreError: the manifest is missing/stale (other rewards than ``score.rewards``) or a table
             was written for other reward versions than the manifest says.
-        BinFitError: a reward has no finite values (names it).
+        ScoreInputError: a table lacks a reward's column or holds ±inf in one (names table and column).
+        BinFitError: a reward has no finite values (names it and the manifest).
     """
     storage = storage or from_config(params.storage)
     manifest = read_score_manifest(params.score.manifest)
@@ -154,15 +157,17 @@ def run_bin(params: Params, storage: Storage | None = None) -> BinSet:
             )
         for name in versions:
             if name not in df.columns:
-                raise ScoreError(f"score table {t['uri']} has no column {name!r}")
-            pooled[name].append(df[name].to_numpy(dtype=np.float64))
-            syn = f"{name}{SYNTHETIC_SUFFIX}"
-            if syn in df.columns:
-                pooled[name].append(df[syn].to_numpy(dtype=np.float64))
+                raise ScoreInputError(f"score table {t['uri']} has no column {name!r}")
+            for col in (name, f"{name}{SYNTHETIC_SUFFIX}"):
+                if col in df.columns:
+                    pooled[name].append(finite_or_nan(df, col, t["uri"]))
     values = {name: (np.concatenate(cols) if cols else np.zeros(0)) for name, cols in pooled.items()}
-    binset = fit_bins(
-        values, num_bins=params.score.num_bins, max_samples=params.score.bin_max_samples, versions=versions
-    )
+    try:
+        binset = fit_bins(
+            values, num_bins=params.score.num_bins, max_samples=params.score.bin_max_samples, versions=versions
+        )
+    except BinFitError as err:  # e.g. a reward that is NaN (absent) in every table
+        raise BinFitError(f"score manifest {params.score.manifest}: {err}") from None
     save_bins(binset, params.score.bins)
     text = json.dumps(binset.to_json(), indent=2, allow_nan=False) + "\n"
     storage.write_bytes(join_uri(params.storage.root, "bins", f"bins-{binset.hash}.json"), text.encode("utf-8"))

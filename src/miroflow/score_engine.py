@@ -49,6 +49,7 @@ from miroflow.data.score_tables import (
     SYNTHETIC_SUFFIX,
     TABLE_FORMAT,
     ScoreError,
+    ScoreInputError,
     check_score_table,
     failures_uri,
     table_bytes,
@@ -334,7 +335,8 @@ def score_shard(
         bytes; None for a skipped table that has no hash record), "skipped" (bool)}``.
 
     Raises:
-        ScoreError: a reward raised or returned a wrong shape/±inf, or the shard bytes do not match.
+        ScoreError: a reward raised or returned a wrong shape/±inf. ScoreInputError (a ScoreError,
+            exit 2): the shard bytes do not match ``expected_sha256``.
         ShardError: the shard is not a readable tar (names the shard).
     """
     if batch_size < 1:
@@ -392,7 +394,7 @@ def score_shard(
         samples.close()
         reader.close()
     if expected_sha256 is not None and shard_sha != expected_sha256:
-        raise ScoreError(f"shard {shard_uri}: sha256 {shard_sha} does not match the manifest's {expected_sha256}")
+        raise ScoreInputError(f"shard {shard_uri}: sha256 {shard_sha} does not match the manifest's {expected_sha256}")
 
     n = len(columns["key"])
     table_meta = {

@@ -20,6 +20,7 @@ errors, HTTP 5xx, throttling) are retried with exponential backoff; 403/404/miss
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import logging
@@ -45,6 +46,8 @@ T = TypeVar("T")
 
 #: Marker in the names of our temporary files; ``list`` never returns such files.
 TMP_MARKER = ".miroflow-tmp-"
+#: errno values that mean "the disk (or quota, or file-size limit) is full": a write error naming the URI.
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 #: Files above this size are spooled to disk (not memory) before an S3 upload.
 _SPOOL_MAX_BYTES = 16 * 1024 * 1024
@@ -393,6 +396,28 @@ class _ResumingS3Reader(io.RawIOBase):
         super().close()
 
 
+def _write_error(uri: str, e: OSError) -> StorageError:
+    """A :class:`StorageError` for a failed write of ``uri`` (a full disk said so in plain words)."""
+    if e.errno in _FULL_ERRNOS:
+        return StorageError(
+            f"cannot write {uri}: {e.strerror or 'no space left on device'} (nothing was written there; "
+            "free some space and rerun)",
+            uri,
+        )
+    return StorageError(f"cannot write {uri}: {e.strerror or e}", uri)
+
+
+@contextlib.contextmanager
+def _disk_full_is_storage_error(uri: str) -> Iterator[None]:
+    """Turn a full-disk ``OSError`` raised while writing ``uri`` into a :class:`StorageError` naming it."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in _FULL_ERRNOS:
+            raise _write_error(uri, e) from e
+        raise
+
+
 class _AtomicS3Writer:
     """File object that spools writes locally and uploads on successful close (one object, atomically)."""
 
@@ -522,7 +547,8 @@ class Storage:
         self._require_key(uri, p)
         writer = _AtomicS3Writer(self, uri, p)
         try:
-            yield cast(BinaryIO, writer.file)
+            with _disk_full_is_storage_error(uri):  # the local spool can fill the disk too
+                yield cast(BinaryIO, writer.file)
             writer.commit()
         finally:
             writer.close()
@@ -623,29 +649,34 @@ class Storage:
 
     @staticmethod
     def _open_write_local(uri: str, path: Path) -> Iterator[BinaryIO]:
-        """Yield a temp file next to ``path``; fsync + ``os.replace`` it onto ``path`` on success."""
+        """Yield a temp file next to ``path``; fsync + ``os.replace`` it onto ``path`` on success.
+
+        On any failure (the caller's block raising, a full disk at write, flush or fsync time) the
+        temp file is removed and ``path`` keeps its old content (or stays absent).
+        """
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARKER}", dir=path.parent)
         except OSError as e:
-            raise StorageError(f"cannot write {uri}: {e.strerror or e}", uri) from e
+            raise _write_error(uri, e) from e
         tmp = Path(tmp_name)
+        f = os.fdopen(fd, "wb")
         ok = False
         try:
-            with os.fdopen(fd, "wb") as f:
-                yield cast(BinaryIO, f)  # errors raised by the caller's block propagate unchanged
-                try:
-                    f.flush()
-                    os.fsync(f.fileno())
-                except OSError as e:
-                    raise StorageError(f"cannot write {uri}: {e.strerror or e}", uri) from e
+            with _disk_full_is_storage_error(uri):
+                yield cast(BinaryIO, f)  # other errors raised by the caller's block propagate unchanged
             try:
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
                 os.chmod(tmp, 0o644)
                 os.replace(tmp, path)
             except OSError as e:
-                raise StorageError(f"cannot move the finished file into place at {uri}: {e.strerror or e}", uri) from e
+                raise _write_error(uri, e) from e
             ok = True
         finally:
+            with contextlib.suppress(OSError):  # the partial buffer of a failed write need not reach the disk
+                f.close()
             if not ok:
                 tmp.unlink(missing_ok=True)
 

@@ -173,6 +173,13 @@ def build_train_state(
         embeds_manifest=_embeds_manifest(params),
         latent=tp.latent,
     )
+    res = params.data.resolution
+    if data.images is not None and tuple(data.images.shape[1:3]) != (res, res):
+        h, w = data.images.shape[1:3]
+        raise ValueError(
+            f"data.resolution: {res}, but the images of {params.data.manifest} are {w}x{h}; "
+            "set data.resolution to their size (pixel-space training does not resize)"
+        )
     text: nn.Module | None = None
     if learned:
         caps = data.captions + [c for c in data.syn_captions or [] if c]

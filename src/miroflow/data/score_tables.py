@@ -40,7 +40,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from miroflow.errors import OperationalError
+from miroflow.errors import InputError, OperationalError
 from miroflow.storage import Storage, sha256_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -50,6 +50,7 @@ __all__ = [
     "TABLE_FORMAT",
     "SYNTHETIC_SUFFIX",
     "ScoreError",
+    "ScoreInputError",
     "failures_uri",
     "table_hash_uri",
     "table_hash_record",
@@ -58,6 +59,7 @@ __all__ = [
     "table_bytes",
     "read_table_meta",
     "load_score_table",
+    "finite_or_nan",
     "write_score_manifest",
     "read_score_manifest",
 ]
@@ -72,6 +74,12 @@ _HASH_LINE = re.compile(r"^([0-9a-f]{64})  (\S.*)\n?$")
 
 class ScoreError(OperationalError, RuntimeError):
     """Scoring failed; the message names the shard, the reward and/or the keys involved."""
+
+
+class ScoreInputError(InputError, ScoreError):
+    """A score input is bad (a score manifest that is not JSON, a table lacking a column or holding
+    ±inf, a shard whose bytes do not match its manifest entry): the CLI exits 2. Still a
+    :class:`ScoreError` for callers that catch that."""
 
 
 def failures_uri(table_uri: str) -> str:
@@ -220,6 +228,22 @@ def load_score_table(uri: str, storage: Storage | None = None) -> pd.DataFrame:
     return df
 
 
+def finite_or_nan(df: pd.DataFrame, column: str, table_uri: str) -> np.ndarray:
+    """Column ``column`` of a score table as float64; ±inf (never a score) is an error naming table and column.
+
+    NaN is the tables' "absent" value and passes through.
+    """
+    values = df[column].to_numpy(dtype=np.float64)
+    bad = np.flatnonzero(np.isinf(values))
+    if bad.size:
+        keys = [str(k) for k in df["key"].to_numpy()[bad[:3]]] if "key" in df.columns else []
+        raise ScoreInputError(
+            f"score table {table_uri} column {column!r}: {bad.size} value(s) are ±inf (keys {keys}); "
+            "scores must be finite or NaN (absent): rerun the score stage"
+        )
+    return values
+
+
 def write_score_manifest(path: str | Path, rewards: dict[str, str], entries: list[dict[str, Any]]) -> dict[str, Any]:
     """Write the local score manifest (JSON, atomic) and return it.
 
@@ -255,19 +279,22 @@ def read_score_manifest(path: str | Path) -> dict[str, Any]:
     """Read and check a score manifest written by :func:`write_score_manifest`.
 
     Raises:
-        ScoreError: missing file (run the score stage first), bad JSON or missing fields.
+        ScoreError: missing or unreadable file (run the score stage first). ScoreInputError (a
+            ScoreError, exit 2): not JSON, or missing fields.
     """
     p = Path(path)
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError as err:
         raise ScoreError(f"score manifest {p} does not exist (run the score stage first)") from err
-    except (OSError, json.JSONDecodeError) as err:
+    except OSError as err:
         raise ScoreError(f"score manifest {p} is unreadable: {err}") from err
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ScoreInputError(f"score manifest {p} is not valid JSON: {err}") from err
     ok = isinstance(data, dict) and isinstance(data.get("rewards"), dict) and isinstance(data.get("tables"), list)
     if not ok:
-        raise ScoreError(f"score manifest {p}: expected {{'rewards': {{...}}, 'tables': [...]}}")
+        raise ScoreInputError(f"score manifest {p}: expected {{'rewards': {{...}}, 'tables': [...]}}")
     for i, t in enumerate(data["tables"]):
         if not isinstance(t, dict) or not isinstance(t.get("uri"), str):
-            raise ScoreError(f"score manifest {p}: tables[{i}] lacks a 'uri'")
+            raise ScoreInputError(f"score manifest {p}: tables[{i}] lacks a 'uri'")
     return data

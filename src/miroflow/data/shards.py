@@ -114,7 +114,12 @@ def decode_image(data: bytes, name: str = "image", max_pixels: int = DEFAULT_MAX
             )
         try:
             img.load()  # force full decode: truncated/corrupt data fails here
-            rgb = img.convert("RGB")
+            if img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PNG"):
+                # 16-bit grey: keep the high byte (PIL's convert("RGB") clips at 255: a white image)
+                grey = (np.clip(np.asarray(img, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
+                rgb = Image.fromarray(grey, "L").convert("RGB")
+            else:
+                rgb = img.convert("RGB")
         except Exception as e:
             raise failed(e) from e
     arr = np.asarray(rgb, dtype=np.uint8)

@@ -40,7 +40,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from miroflow.conditioning import BinSet
-from miroflow.data.score_tables import SYNTHETIC_SUFFIX, load_score_table
+from miroflow.data.score_tables import SYNTHETIC_SUFFIX, finite_or_nan, load_score_table
 from miroflow.data.shards import decode_image, iter_shard, read_manifest
 from miroflow.data.sidecars import encode_captions, read_sidecar, record_captions
 from miroflow.storage import Storage
@@ -188,13 +188,14 @@ class TrainData:
 def reward_columns(df: Any, name: str, binset: BinSet, table_uri: str) -> tuple[np.ndarray, np.ndarray]:
     """Bin-mapped ``(original, synthetic)`` conditioning values ``[n]`` of reward ``name`` in a score table.
 
-    Image-only rewards (no ``name@synthetic`` column) return the original values twice.
+    Image-only rewards (no ``name@synthetic`` column) return the original values twice. A ±inf score
+    (it would silently land in the top bin) is a ``ScoreInputError`` naming the table and column.
     """
     if name not in df.columns:
         raise KeyError(f"score table {table_uri} has no column {name!r} (columns: {list(df.columns)})")
-    orig = binset.transform_one(name, df[name].to_numpy(dtype=np.float64))
+    orig = binset.transform_one(name, finite_or_nan(df, name, table_uri))
     syn_col = f"{name}{SYNTHETIC_SUFFIX}"
-    syn = binset.transform_one(name, df[syn_col].to_numpy(dtype=np.float64)) if syn_col in df.columns else orig
+    syn = binset.transform_one(name, finite_or_nan(df, syn_col, table_uri)) if syn_col in df.columns else orig
     return orig, syn
 
 
@@ -303,6 +304,11 @@ def load_train_data(
                 log.warning("skipping undecodable sample: %s", err)
                 continue
             cap, syn = record_captions(rec)
+            if img is not None and images and img.shape != images[0].shape:
+                raise ValueError(
+                    f"shard {name}: image is {img.shape[1]}x{img.shape[0]}, the samples before it are "
+                    f"{images[0].shape[1]}x{images[0].shape[0]}; training needs one image size"
+                )
             orig, srow = table.get(rec["key"], (nan_row, nan_row))
             n_unscored += rec["key"] not in table
             keys.append(rec["key"])
