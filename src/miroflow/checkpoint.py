@@ -290,7 +290,16 @@ def expected_architecture(params: Params, reward_names: list[str]) -> dict[str, 
         latent=t.latent,
         vae=t.vae if t.latent == "vae" else None,
     )
+    arch.update(_reward_embedding(list(reward_names), t.reward_features, params.score.num_bins - 1))
     return arch
+
+
+def _reward_embedding(reward_names: list[str], features: str, grid: int | None) -> dict[str, Any]:
+    """``reward_features`` / ``reward_grid`` of the architecture: both None for a baseline (no reward
+    embedding), the grid None unless the mode is ``grid_interp`` (the only one that uses it)."""
+    if not reward_names:
+        return {"reward_features": None, "reward_grid": None}
+    return {"reward_features": features, "reward_grid": grid if features == "grid_interp" else None}
 
 
 def checkpoint_architecture(miro: dict[str, Any]) -> dict[str, Any]:
@@ -304,6 +313,9 @@ def checkpoint_architecture(miro: dict[str, Any]) -> dict[str, Any]:
         latent=miro.get("latent"),
         vae=miro.get("vae"),
     )
+    # A denoiser config without reward_features was written by the original Fourier embedding.
+    features = den.get("reward_features") or "fourier"
+    arch.update(_reward_embedding(arch["reward_names"], features, den.get("reward_grid")))
     return arch
 
 

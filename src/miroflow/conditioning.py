@@ -10,18 +10,27 @@ For one reward with edges ``e[0] <= e[1] <= ... <= e[num_bins]`` (``e[0]`` / ``e
 minimum / maximum of the fitting sample), the *interior* edges are ``e[1:-1]`` (``num_bins - 1``
 of them) and, for a value ``v``::
 
-    bin_index(v) = #{ j in 1..num_bins-1 : e[j] <= v }          # np.searchsorted(e[1:-1], v, "right")
+    bin_index(v) = 0                                             if v <= e[0] < e[-1]
+                 = #{ j in 1..num_bins-1 : e[j] <= v }           otherwise  (searchsorted(e[1:-1], v, "right"))
     cond(v)      = bin_index(v) / (num_bins - 1)
 
-``bin_index`` is automatically in ``[0, num_bins - 1]``: values below the fitted range land in
-bin 0 (cond 0.0) and values above it in bin ``num_bins - 1`` (cond 1.0); ``-inf``/``+inf`` behave
-the same way. The map is non-decreasing in ``v``.
+``bin_index`` is in ``[0, num_bins - 1]``: values below the fitted range land in bin 0 (cond 0.0)
+and values above it in bin ``num_bins - 1`` (cond 1.0); ``-inf``/``+inf`` behave the same way.
+The map is non-decreasing in ``v``.
 
 Ties: when many samples share one value, several interior edges coincide. The mapping stays
-well defined and monotone: all equal values share one bin, namely the one *above* every edge
-equal to them (``side="right"``); the bins between duplicate edges are simply empty. A constant
-column therefore maps every value equal to the constant to the top bin (cond 1.0), values below
-it to 0.0 and values above it to 1.0; no division by zero is involved anywhere.
+well defined and monotone: all equal values share one bin; the bins between duplicate edges are
+simply empty. Which bin (docs/design.md §3, "Scores and bins"):
+
+* a value equal to the **minimum** ``e[0]`` goes to bin 0 (cond 0.0), so a reward that piles up
+  at its minimum (e.g. 12% of the samples with alignment exactly 0) trains on the value 0 that a
+  negative target asks for;
+* a value equal to the **maximum** ``e[-1]`` goes to the top bin (cond 1.0);
+* any other tied value goes to the bin *above* every edge equal to it (``side="right"``).
+
+A constant column (``e[0] == e[-1]``) is the one case where both extremes coincide: every value
+equal to the constant goes to the top bin (cond 1.0), values below it to 0.0 and values above it
+to 1.0. No division by zero is involved anywhere.
 
 Fitting
 -------
@@ -141,13 +150,26 @@ class RewardBins:
         into NaN). See the module docstring for the exact rule.
         """
         v = np.asarray(values, dtype=np.float64)
-        idx = np.searchsorted(self.edges[1:-1], v, side="right").astype(np.int64)
+        idx = self._index(v).astype(np.int64)
         return np.where(np.isnan(v), np.int64(-1), idx)
+
+    def _index(self, v: np.ndarray) -> np.ndarray:
+        """Bin index of float64 ``v`` (any shape; NaN gives some index, masked by the callers).
+
+        The tie rule of the module docstring: ``side="right"`` except that a value at the minimum
+        edge goes to bin 0 (unless the column is constant); at the maximum, ``side="right"``
+        already gives the top bin.
+        """
+        e = self.edges
+        idx = np.searchsorted(e[1:-1], v, side="right")
+        if e[0] < e[-1]:
+            idx = np.where(v <= e[0], 0, idx)
+        return idx
 
     def transform(self, values: np.ndarray) -> np.ndarray:
         """Conditioning values ``float64`` in [0, 1] of the same shape as ``values``; NaN → NaN."""
         v = np.asarray(values, dtype=np.float64)
-        idx = np.searchsorted(self.edges[1:-1], v, side="right")
+        idx = self._index(v)
         out = idx.astype(np.float64) / float(self.num_bins - 1)
         return np.where(np.isnan(v), np.nan, out)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from miroflow.errors import InputError
 
@@ -31,7 +31,19 @@ __all__ = [
     "apply_overrides",
     "format_validation_error",
     "resolve_params",
+    "SHAPES_DEFAULT_REWARDS",
+    "IMPORT_DEFAULT_REWARDS",
+    "SHAPES_DEFAULT_SELECT_BY",
 ]
+
+#: ``score.rewards`` of ``data.domain=shapes`` when not given: the weight-free rewards and the shapes judge.
+SHAPES_DEFAULT_REWARDS: tuple[str, ...] = ("sharpness", "noise", "contrast", "compressibility", "shapes_alignment")
+#: ``score.rewards`` of ``data.domain=import`` when not given: the weight-free *image* rewards
+#: (``miroflow.rewards.weight_free_rewards("import")``; a test keeps the two equal), followed by every
+#: reward named in ``score.reward_weights`` (docs/architecture.md, "Imported data").
+IMPORT_DEFAULT_REWARDS: tuple[str, ...] = ("sharpness", "noise", "contrast", "compressibility")
+#: ``sweep.select_by`` of ``data.domain=shapes`` when not given (import: the first of ``score.rewards``).
+SHAPES_DEFAULT_SELECT_BY = "shapes_alignment"
 
 
 class _Section(BaseModel):
@@ -78,6 +90,12 @@ class DataConfig(_Section):
         description="Largest image (width x height) import decodes; larger ones are rejected from the header, "
         "before decoding (decompression-bomb guard).",
     )
+    min_side: int | None = Field(
+        None,
+        ge=1,
+        description="Import only: images whose shorter side (pixels, before the centre crop) is below this are "
+        "rejected and recorded in the manifest's 'rejected' list; null = keep every image (upscaled if small).",
+    )
     swap_caption_fraction: float = Field(
         0.3, ge=0, le=1, description="Fraction of samples whose caption is replaced by another scene's caption."
     )
@@ -95,8 +113,10 @@ class ScoreConfig(_Section):
     """The score and bin stages."""
 
     rewards: list[str] = Field(
-        default_factory=lambda: ["sharpness", "noise", "contrast", "compressibility", "shapes_alignment"],
-        description="Reward names from the reward registry to score every sample with.",
+        default_factory=lambda: list(SHAPES_DEFAULT_REWARDS),
+        description="Reward names from the reward registry to score every sample with; unset or null = the "
+        "domain's default (shapes: SHAPES_DEFAULT_REWARDS; import: the weight-free image rewards plus every "
+        "reward in score.reward_weights).",
     )
     reward_weights: dict[str, str] = Field(
         default_factory=dict, description="Local path or hub id of weights per reward name (real reward models only)."
@@ -143,6 +163,17 @@ class TrainConfig(_Section):
     optimizer: Literal["adamw"] = Field("adamw", description="Optimizer (AdamW; LAMB is not implemented).")
     grad_clip: float = Field(2.0, gt=0, description="Gradient norm clip.")
     ema_decay: float = Field(0.999, ge=0, lt=1, description="EMA decay of weights (0.9999 at full scale).")
+    ema_warmup: bool = Field(
+        True,
+        description="Warm the EMA decay up as min(ema_decay, (1+t)/(10+t)) (t = EMA updates - 1; 0 at the first); "
+        "false = ema_decay from the first update, as the reference does. The decay applied is logged as "
+        "train/ema_decay.",
+    )
+    reward_features: Literal["fourier", "grid_interp"] = Field(
+        "grid_interp",
+        description="Reward embedding of new models: 'grid_interp' interpolates between the embeddings of the two "
+        "neighbouring k/(score.num_bins-1) values; 'fourier' is the original embedding (resume of runs made with it).",
+    )
     reward_dropout: float = Field(0.1, ge=0, le=1, description="Probability each reward is independently set absent.")
     all_reward_dropout: float = Field(0.05, ge=0, le=1, description="Probability the whole reward vector is absent.")
     text_dropout: float = Field(0.0, ge=0, le=1, description="Probability the caption is dropped (enables text CFG).")
@@ -153,6 +184,25 @@ class TrainConfig(_Section):
         description="Probability the synthetic caption is used instead of the original (0.5 = 50/50 mix).",
     )
     seed: int = Field(0, description="Seed for init, data order and noise.")
+    data: Literal["auto", "memory", "stream"] = Field(
+        "auto",
+        description="'memory' decodes every sample into RAM once; 'stream' reads shards one shuffle window at a "
+        "time (bounded memory, docs/architecture.md 'Streaming'); 'auto' streams above train.stream_above samples.",
+    )
+    stream_above: int = Field(200_000, ge=0, description="With train.data=auto: stream when the data has more samples.")
+    stream_partitions: int = Field(
+        8,
+        ge=1,
+        description="Canonical stream partitions P: the sample order depends on P, not on the world size; "
+        "train.batch_size and every world size you train or resume with must divide it (batch) / be divided by it.",
+    )
+    stream_window: int = Field(4, ge=1, description="Shards per shuffle window of a stream partition.")
+    stream_workers: int = Field(2, ge=0, description="Loader threads reading the next windows ahead (0 = inline).")
+    sample_log: str | None = Field(
+        None,
+        description="Write each step's sample keys (this rank's rows) as JSON lines to this file ('.rank<r>' "
+        "appended on ranks > 0): an audit of the data order.",
+    )
     mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="bf16 autocast on GPU when 'auto'.")
     compile: bool = Field(False, description="torch.compile the denoiser.")
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda[:i]'.")
@@ -206,7 +256,11 @@ class SweepConfig(_Section):
         default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], description="Target grid in [0,1]."
     )
     best_of_n: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16], description="N grid for best-of-N.")
-    select_by: str = Field("shapes_alignment", description="Reward used to select the best of N.")
+    select_by: str = Field(
+        SHAPES_DEFAULT_SELECT_BY,
+        description="Reward used to select the best of N; unset or null = the domain's default (shapes: "
+        "shapes_alignment; import: the first of score.rewards).",
+    )
     output: str = Field("sweeps", description="Output prefix under storage.root.")
 
 
@@ -241,6 +295,68 @@ class Params(_Section):
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _domain_defaults(cls, data: Any) -> Any:
+        """Resolve the ``data.domain``-dependent defaults of ``score.rewards`` and ``sweep.select_by``.
+
+        Only where the key was not given (absent from the input, not in a section model's
+        ``model_fields_set``) or given as null; a given value is kept and checked by preflight (a
+        shapes-only reward under ``data.domain=import`` is refused there). For ``shapes`` the field
+        defaults apply (a null is dropped); for ``import`` the values are filled in:
+        ``score.rewards`` = :data:`IMPORT_DEFAULT_REWARDS` + the rewards of ``score.reward_weights``,
+        ``sweep.select_by`` = the first of ``score.rewards``. Runs on the raw input, so it applies to
+        :func:`load_params`, :func:`apply_overrides` and ``model_validate``; a value filled in for
+        ``import`` counts as given afterwards (docs/architecture.md, "Imported data").
+        """
+        if not isinstance(data, dict):
+            return data
+        domain = _section_value(data.get("data"), "domain")[1]
+        score = data.get("score", {})
+        given, rewards = _section_value(score, "rewards")
+        if not given or rewards is None:
+            if domain == "import":
+                weights = _section_value(score, "reward_weights")[1]
+                extra = [n for n in weights if n not in IMPORT_DEFAULT_REWARDS] if isinstance(weights, dict) else []
+                rewards = [*IMPORT_DEFAULT_REWARDS, *extra]
+                data = {**data, "score": _with_value(score, "rewards", rewards)}
+            elif given:  # null: the field default
+                data = {**data, "score": _with_value(score, "rewards", None)}
+        sweep = data.get("sweep", {})
+        given, select_by = _section_value(sweep, "select_by")
+        if not given or select_by is None:
+            if domain == "import":
+                first = rewards[0] if isinstance(rewards, list) and rewards else None
+                data = {
+                    **data,
+                    "sweep": _with_value(
+                        sweep, "select_by", first if isinstance(first, str) else IMPORT_DEFAULT_REWARDS[0]
+                    ),
+                }
+            elif given:
+                data = {**data, "sweep": _with_value(sweep, "select_by", None)}
+        return data
+
+
+def _section_value(section: Any, key: str) -> tuple[bool, Any]:
+    """``(given, value)`` of ``key`` in a raw section: a dict (given = present) or a section model
+    (given = in its ``model_fields_set``); ``(False, None)`` for anything else."""
+    if isinstance(section, BaseModel):
+        return key in section.model_fields_set, getattr(section, key, None)
+    if isinstance(section, dict):
+        return key in section, section.get(key)
+    return False, None
+
+
+def _with_value(section: Any, key: str, value: Any) -> Any:
+    """``section`` (a dict or section model) with ``key`` set to ``value``; ``None`` removes a dict's ``key``
+    (so the field default applies). Anything else is returned as it is, for validation to report."""
+    if isinstance(section, BaseModel):
+        return section if value is None else section.model_copy(update={key: value})
+    if isinstance(section, dict):
+        return {k: v for k, v in section.items() if k != key} if value is None else {**section, key: value}
+    return section
 
 
 class ParamsError(InputError, ValueError):
@@ -333,7 +449,8 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def apply_overrides(params: Params, overrides: list[str] | None) -> Params:
     """Return a new validated Params with overrides applied."""
-    merged = _deep_merge(params.model_dump(mode="json"), parse_overrides(overrides))
+    # only what was given: defaults (the domain-dependent ones too) are resolved again for the merged tree
+    merged = _deep_merge(params.model_dump(mode="json", exclude_unset=True), parse_overrides(overrides))
     try:
         return Params.model_validate(merged)
     except ValidationError as err:

@@ -6,10 +6,15 @@ Layout (docs/architecture.md, "Text-embedding sidecars")::
     <root>/embeds/<data-hash>/<encoder-slug>/latent_stats.json     per-channel {"mean","std",...} (vae)
 
 The sidecar content (tensors ``tokens [N, L, D]``, ``mask [N, L]``, ``pooled [N, Dp]``, optional
-``syn_*`` and ``latents [N, C, h, w]``, plus string metadata) is defined, read and written by
-:mod:`miroflow.data.sidecars`. Row ``i`` belongs to the ``i``-th key of the shard in order.
-Idempotent: a sidecar whose header already records the same encoder spec, max_length and VAE is not
-recomputed (only its header is read). Sidecars are written in one ``Storage.write_bytes`` (atomic),
+``syn_*`` and, for VAE latents, the posterior's ``latents_mean`` / ``latents_std [N, C, h, w]``
+fp16, plus string metadata) is defined, read and written by :mod:`miroflow.data.sidecars`.
+``latent_stats.json`` holds the per-channel population mean/std of the latents training samples
+(``z = mean + std·ε``): ``E[z] = E[mean]`` and ``Var[z] = Var[mean] + E[std²]``, exact from the
+per-shard sums (docs/architecture.md, "Text-embedding sidecars"). Row ``i`` belongs to the ``i``-th
+key of the shard in order.
+Idempotent: a sidecar whose header already records the same encoder spec, max_length and VAE (and,
+for a VAE, ``posterior: mean+std``; an older mean-only sidecar is recomputed) is not recomputed
+(only its header is read). Sidecars are written in one ``Storage.write_bytes`` (atomic),
 so a half-written one is never visible. The local manifest ``<dir of data.manifest>/embeds.json``
 lists them.
 """
@@ -32,6 +37,7 @@ from miroflow.data.hashing import data_hash
 from miroflow.data.shards import decode_image, iter_shard, read_manifest
 from miroflow.data.sidecars import (
     EMBED_FORMAT,
+    POSTERIOR,
     embeds_manifest_path,
     encode_captions,
     read_sidecar_header,
@@ -52,6 +58,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: Per-shard latent sums of the sidecar metadata (see :func:`embed_shard`).
+_SUMS = ("latent_sum", "latent_sumsq", "latent_varsum", "latent_count")
 
 
 def encoder_slug(spec: str) -> str:
@@ -97,14 +106,18 @@ def embed_shard(
         vae: a :class:`~miroflow.models.vae.VAECodec` for latent sidecars, or None.
 
     Returns:
-        ``{"shard", "uri", "n", "skipped", "latent_sum", "latent_sumsq", "latent_count"}``.
+        ``{"shard", "uri", "n", "skipped"}`` and, for a VAE, ``"latent_sum"``, ``"latent_sumsq"``,
+        ``"latent_varsum"`` (``[C]`` sums of the posterior means, their squares and the posterior
+        variances) and ``"latent_count"`` (elements per channel).
     """
     want = {"encoder": spec, "max_length": str(encoder.max_length), "vae": vae_spec, "format": str(EMBED_FORMAT)}
+    if vae is not None:  # a sidecar with only the posterior mean (older layout) is recomputed
+        want["posterior"] = POSTERIOR
     head = read_sidecar_header(out_uri, storage)
     if head is not None and all(head.get(k) == v for k, v in want.items()):
         n = len(json.loads(head["keys"]))
         entry: dict[str, Any] = {"shard": shard_uri, "uri": out_uri, "n": n, "skipped": True}
-        for k in ("latent_sum", "latent_sumsq", "latent_count"):
+        for k in _SUMS:
             if k in head:
                 entry[k] = json.loads(head[k])
         return entry
@@ -120,31 +133,39 @@ def embed_shard(
     meta = dict(want, keys=json.dumps([r["key"] for r in recs]))
     entry = {"shard": shard_uri, "uri": out_uri, "n": len(recs), "skipped": False}
     if vae is not None:
-        lats = [vae.encode_raw(_images_tensor(recs[i : i + batch_size])).cpu() for i in range(0, len(recs), batch_size)]
-        z = torch.cat(lats).double()
+        posts = [
+            vae.encode_posterior(_images_tensor(recs[i : i + batch_size])) for i in range(0, len(recs), batch_size)
+        ]
+        mean = torch.cat([m.cpu() for m, _ in posts]).to(torch.float16)
+        std = torch.cat([s.cpu() for _, s in posts]).to(torch.float16)
+        z, var = mean.double(), std.double() ** 2  # the stats describe the stored (fp16) values
         entry.update(
             latent_sum=z.sum(dim=(0, 2, 3)).tolist(),
             latent_sumsq=(z * z).sum(dim=(0, 2, 3)).tolist(),
+            latent_varsum=var.sum(dim=(0, 2, 3)).tolist(),
             latent_count=int(z.shape[0] * z.shape[2] * z.shape[3]),
         )
-        tensors["latents"] = z.to(torch.float16).contiguous()
-        meta.update({k: json.dumps(entry[k]) for k in ("latent_sum", "latent_sumsq", "latent_count")})
+        tensors["latents_mean"], tensors["latents_std"] = mean.contiguous(), std.contiguous()
+        meta.update({k: json.dumps(entry[k]) for k in _SUMS})
     storage.write_bytes(out_uri, sidecar_bytes(tensors, meta))
     return entry
 
 
 def _latent_stats(entries: list[dict[str, Any]], vae_spec: str) -> dict[str, Any]:
-    """Per-channel population mean/std from the per-shard sums (float64)."""
+    """Per-channel population mean/std ``[C]`` of the sampled latents ``z = mean + std·ε`` from the
+    per-shard sums (float64): ``E[z] = E[mean]``, ``Var[z] = Var[mean] + E[std²]``."""
     s = np.sum([e["latent_sum"] for e in entries], axis=0)
     sq = np.sum([e["latent_sumsq"] for e in entries], axis=0)
+    var_post = np.sum([e["latent_varsum"] for e in entries], axis=0)
     n = float(sum(e["latent_count"] for e in entries))
     mean = s / n
-    std = np.sqrt(np.maximum(sq / n - mean * mean, 1e-12))
+    std = np.sqrt(np.maximum(sq / n - mean * mean + var_post / n, 1e-12))
     return {
         "mean": mean.tolist(),
         "std": std.tolist(),
         "channels": len(mean),
         "source": f"fit:{int(n)}",
+        "of": "posterior samples",
         "vae": vae_spec,
     }
 

@@ -19,10 +19,12 @@ Seeds: image ``j`` of prompt ``i`` starts from noise drawn by its own CPU genera
 generated in (nor on ``eval.batch_size`` or the device).
 
 Scoring: every image is scored by the configured rewards (``eval.rewards``, else
-``score.rewards``; *normalised* values, as in the score tables) and, where the shapes judge
-parses the prompt, judged GenEval-style (``correct``; ``judge_score`` = fraction of facts that
-hold). Per-category accuracy is the mean of ``correct`` over judged images of that tag;
-``overall`` is the mean over categories (GenEval's convention).
+``score.rewards``; *normalised* values, as in the score tables) and, for ``data.domain=shapes``
+where the shapes judge parses the prompt, judged GenEval-style (``correct``; ``judge_score`` =
+fraction of facts that hold). Per-category accuracy is the mean of ``correct`` over judged images
+of that tag; ``overall`` is the mean over categories (GenEval's convention). A model of imported
+data (``data.domain=import``) is never judged: its summary has the reward metrics only
+(``accuracy`` ``{}``, ``overall`` null; docs/architecture.md, "Imported data").
 """
 
 from __future__ import annotations
@@ -265,7 +267,7 @@ def run_evaluate(
 
     ``results.jsonl`` lines: ``tag``, ``prompt``, ``prompt_index``, ``sample_index``, ``seed``,
     ``path`` (relative to the output), ``correct`` (bool, null if the judge cannot parse the
-    prompt), ``judge_score`` (null likewise) and each reward's normalised value under its name
+    prompt or ``data.domain`` is not ``shapes``), ``judge_score`` (null likewise) and each reward's normalised value under its name
     (null = NaN).
 
     Returns:
@@ -283,6 +285,7 @@ def run_evaluate(
     out = out_uri or join_uri(params.storage.root, ev.output, run_label)
     items: list[PromptItem] = load_prompt_set(ev.prompt_set, ev.num_prompts, storage=st)
     reward_names = list(ev.rewards if ev.rewards is not None else params.score.rewards)
+    judged = params.data.domain == "shapes"  # the shapes judge parses shapes captions only
     pos_targets = pipeline.resolve_reward_targets(ev.reward_targets, 1.0, "eval.reward_targets")
     neg_targets = pipeline.resolve_reward_targets(ev.negative_reward_targets, 0.0, "eval.negative_reward_targets")
 
@@ -322,7 +325,7 @@ def run_evaluate(
             batch_size=ev.batch_size,
         )
         scores = score_images(images, prompts, reward_names, score_config=params.score, batch_size=ev.batch_size)
-        verdicts = judge_images(images, prompts)
+        verdicts = judge_images(images, prompts) if judged else [None] * len(prompts)
         for k, (i, j) in enumerate(part):
             rel = f"{i:05d}/samples/{j:04d}.png"
             st.write_bytes(join_uri(out, rel), png_bytes(images[k]))

@@ -5,11 +5,13 @@ Two parts:
 - :func:`check_params` — semantic checks of a :class:`~miroflow.config.Params` that need no I/O:
   reward names (``score.rewards``, ``train.rewards``, ``eval.rewards``, ``sweep.select_by``,
   ``sweep.target_reward``, target keys), target ranges ([0, 1]), the model and text-encoder
-  names, the prompt-set name, data domain / ``data.import_uri`` consistency. ``miroflow params
-  validate`` runs these.
+  names, the prompt-set name, data domain / ``data.import_uri`` consistency, rewards valid for the
+  data domain (a shapes-only reward such as ``shapes_alignment`` is refused for ``data.domain=import``,
+  docs/architecture.md, "Imported data"). ``miroflow params validate`` runs these.
 - :func:`preflight` — those plus the I/O checks of one stage: its inputs exist (manifests, bins,
-  a complete checkpoint, a prompt set that parses) and its outputs are writable (``storage.root``
-  and the manifest folder by a real write-and-delete probe; a local MLflow database folder).
+  a complete checkpoint, a prompt set that parses and, for ``data.domain=import``, is not the
+  synthetic ``shapes`` set) and its outputs are writable (``storage.root`` and the manifest folder by
+  a real write-and-delete probe; a local MLflow database folder).
 
 Every problem is one line that names the dotted params key (and the file or URI); all of a
 stage's problems are reported together as one :class:`PreflightError`.
@@ -24,10 +26,11 @@ from pathlib import Path
 from typing import Literal
 
 from miroflow.checkpoint import latest_checkpoint, run_uri
-from miroflow.config import Params, ParamsError
+from miroflow.config import IMPORT_DEFAULT_REWARDS, Params, ParamsError
+from miroflow.data.sidecars import vae_embed_problem
 from miroflow.models.denoiser import MODEL_SIZES
 from miroflow.prompts import PROMPT_SETS, PromptSetError, load_prompt_set
-from miroflow.rewards.registry import available_rewards
+from miroflow.rewards.registry import available_rewards, reward_domain_problem
 from miroflow.storage import Storage, StorageError, from_config, join_uri
 from miroflow.tracking.uris import resolve_tracking_uri
 
@@ -59,6 +62,32 @@ def _target_problems(field: str, targets: dict[str, float], known: set[str]) -> 
     for name, value in targets.items():
         if not (math.isfinite(value) and 0.0 <= value <= 1.0):
             out.append(f"{field}.{name}: {value} is outside [0, 1] (targets are normalised reward levels)")
+    return out
+
+
+def _domain_problems(params: Params) -> list[str]:
+    """One line per reward named anywhere in ``params`` that cannot score ``data.domain`` (e.g.
+    ``shapes_alignment`` under ``import``); the ``score.rewards`` line says what the default would be."""
+    domain = params.data.domain
+    sc, tr, ev, sw = params.score, params.train, params.eval, params.sweep
+    named: list[tuple[str, list[str]]] = [
+        ("score.rewards", list(sc.rewards)),
+        ("score.reward_weights", list(sc.reward_weights)),
+        ("train.rewards", list(tr.rewards or [])),
+        ("eval.rewards", list(ev.rewards or [])),
+        ("eval.reward_targets", list(ev.reward_targets)),
+        ("eval.negative_reward_targets", list(ev.negative_reward_targets)),
+        ("sweep.select_by", [sw.select_by]),
+        ("sweep.target_reward", [sw.target_reward] if sw.target_reward is not None else []),
+    ]
+    out: list[str] = []
+    for field, names in named:
+        for name in names:
+            line = reward_domain_problem(field, name, domain)
+            if line is not None:
+                if field == "score.rewards" and domain == "import":
+                    line += f" (unset or null = the import defaults: {', '.join(IMPORT_DEFAULT_REWARDS)})"
+                out.append(line)
     return out
 
 
@@ -103,6 +132,7 @@ def check_params(params: Params) -> list[str]:
         problems.append(
             "data.import_uri: required when data.domain is 'import' (a folder or s3:// prefix of .tar files)"
         )
+    problems += _domain_problems(params)
     return problems
 
 
@@ -192,6 +222,8 @@ def preflight(params: Params, stage: str, storage: Storage | None = None, model_
         problems.append(f"score.manifest: {params.score.manifest} does not exist (run the score stage first)")
     if stage == "train" and params.train.rewards != [] and not Path(params.score.bins).is_file():
         problems.append(f"score.bins: {params.score.bins} does not exist (run the score and bin stages first)")
+    if stage == "train" and params.train.latent == "vae" and params.train.vae and data_manifest.is_file():
+        problems.append(vae_embed_problem(params) or "")  # latents and channel stats of train.vae
     if stage in _TRACKED and params.tracking.enabled:
         folder = _sqlite_folder(resolve_tracking_uri(params.tracking))
         if folder is not None:
@@ -199,10 +231,17 @@ def preflight(params: Params, stage: str, storage: Storage | None = None, model_
     if stage in _NEEDS_MODEL:
         if not model_given:  # presence only: the loader verifies hashes once, when it reads the files
             problems.append(_checkpoint_problem(params, st) or "")
-        try:
-            load_prompt_set(params.eval.prompt_set, params.eval.num_prompts, storage=st)
-        except (PromptSetError, StorageError, OSError) as e:
-            problems.append(f"eval.prompt_set: {e}")
+        if params.data.domain == "import" and params.eval.prompt_set.split(":", 1)[0] == "shapes":
+            problems.append(
+                f"eval.prompt_set: {params.eval.prompt_set!r} holds shapes captions; not valid for "
+                "data.domain=import (give your own prompts: txt:<file> with one prompt per line, "
+                "parti:<file> or geneval:<file>)"
+            )
+        else:
+            try:
+                load_prompt_set(params.eval.prompt_set, params.eval.num_prompts, storage=st)
+            except (PromptSetError, StorageError, OSError) as e:
+                problems.append(f"eval.prompt_set: {e}")
     problems = [p for p in problems if p]
     if problems:
         raise PreflightError(stage, problems)

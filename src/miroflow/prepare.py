@@ -3,6 +3,10 @@
 Outputs go to ``<storage.root>/shards/<data-hash>/{split}-{i:06d}.tar`` so datasets made with
 different params never overwrite each other, plus the local manifest ``data.manifest``.
 Resumable: a shard that already exists under the same data hash is not rendered again.
+An import brings every image to ``data.resolution`` (centre crop, Lanczos resize, RGB, lossless
+re-encode; :mod:`miroflow.data.importers`) and records what it did under the manifest's
+``preprocess`` key; images below ``data.min_side`` are listed under ``rejected``
+(docs/architecture.md, "Imported data").
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from tqdm import tqdm
 
 from miroflow.config import Params
 from miroflow.data.hashing import data_hash
-from miroflow.data.importers import import_tars
+from miroflow.data.importers import RESIZE_REDUCING_GAP, import_tars
 from miroflow.data.shapes import iter_samples
 from miroflow.data.shards import write_manifest, write_shard
 from miroflow.storage import Storage, from_config, join_uri, sha256_bytes
@@ -70,9 +74,21 @@ def run_prepare(params: Params, storage: Storage | None = None) -> dict[str, Any
             shard_size=cfg.shard_size,
             storage=storage,
             max_pixels=cfg.max_pixels,
+            resolution=cfg.resolution,
+            min_side=cfg.min_side,
+            image_format=cfg.image_format,
         )
         entries = report.entries
         extra["rejected"] = report.rejected
+        extra["preprocess"] = {
+            "resolution": cfg.resolution,
+            "crop": "center-square",
+            "filter": "lanczos",
+            "reducing_gap": RESIZE_REDUCING_GAP,
+            "mode": "RGB",
+            "image_format": cfg.image_format,
+            "min_side": cfg.min_side,
+        }
         for r in report.rejected:
             log.warning("import rejected %s", r)
     Path(cfg.manifest).parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,10 @@ spec                           prompts
                                "prompt"[, "exclude"]}``)
 ``parti:<path-or-uri>``        PartiPrompts TSV with the header ``Prompt\\tCategory\\tChallenge\\tNote``
                                (``tag`` = Category)
+``txt:<path-or-uri>``          a plain UTF-8 text file, one prompt per line (blank lines and lines
+                               starting with ``#`` are skipped; ``tag`` = ``txt``): the prompts of
+                               your own data (``data.domain=import``, docs/architecture.md,
+                               "Imported data"), scored by the rewards only (no judge)
 =============================  ===============================================================
 
 Paths may be plain paths, ``file://`` or ``s3://`` URIs (read through :mod:`miroflow.storage`).
@@ -276,3 +280,35 @@ def parse_parti(text: str, source: str) -> list[PromptItem]:
 @register_prompt_set("parti", "parti:<path-or-uri>")
 def _load_parti(arg: str, storage: Storage | None) -> list[PromptItem]:
     return parse_parti(_read_text(arg, "parti", storage), arg)
+
+
+# --------------------------------------------------------------------------- txt
+#: Tag of every prompt of a ``txt:`` prompt set.
+TXT_TAG = "txt"
+
+
+def parse_txt(text: str, source: str) -> list[PromptItem]:
+    """Parse a plain prompt list: one prompt per line (stripped); blank lines and ``#`` comments are skipped.
+
+    Each prompt becomes ``PromptItem(tag="txt", prompt, metadata={"tag": "txt", "prompt", "line"})``
+    (``line`` = 1-based line number in ``source``).
+
+    Raises:
+        PromptSetError: a line holds a NUL or another control character (``"<source> line <k>: ..."``:
+            most likely a binary file given by mistake).
+    """
+    out: list[PromptItem] = []
+    for lineno, line in enumerate(_split_lines(text), start=1):
+        prompt = line.strip()
+        if not prompt or prompt.startswith("#"):
+            continue
+        bad = next((c for c in prompt if ord(c) < 32 and c != "\t"), None)
+        if bad is not None:
+            raise PromptSetError(f"{source} line {lineno}: control character {bad!r} in a prompt (not a text file?)")
+        out.append(PromptItem(tag=TXT_TAG, prompt=prompt, metadata={"tag": TXT_TAG, "prompt": prompt, "line": lineno}))
+    return out
+
+
+@register_prompt_set("txt", "txt:<path-or-uri>")
+def _load_txt(arg: str, storage: Storage | None) -> list[PromptItem]:
+    return parse_txt(_read_text(arg, "txt", storage), arg)

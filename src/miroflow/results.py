@@ -174,7 +174,8 @@ class EmbedResult(Result):
 
 @dataclass(frozen=True)
 class TrainResult(Result):
-    """The train stage: final (or latest) checkpoint and the tracking ids."""
+    """The train stage: final (or latest) checkpoint and the tracking ids; ``ema_decay`` is the decay the
+    last EMA update applied (the effective one with ``train.ema_warmup``; None in manifests that predate it)."""
 
     run_name: str
     kind: str
@@ -185,6 +186,7 @@ class TrainResult(Result):
     mlflow_run_id: str | None
     model_version: str | None
     manifest: str | None
+    ema_decay: float | None = None
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -25,8 +25,11 @@ from miroflow.checkpoint import checkpoint_uri, prune_checkpoints, resume_latest
 from miroflow.conditioning import BinSet, load_bins
 from miroflow.config import Params
 from miroflow.data.hashing import data_hash
-from miroflow.data.sidecars import embeds_manifest_path
-from miroflow.data.train_data import load_train_data
+from miroflow.data.shards import read_manifest
+from miroflow.data.sidecars import embeds_manifest_path, vae_embed_problem
+from miroflow.data.stream import ShardLoader, StreamSource, scan_captions
+from miroflow.data.stream_plan import StreamPlan
+from miroflow.data.train_data import TrainData, load_train_data, step_seed
 from miroflow.flow import euler_sample
 from miroflow.models import create_codec, create_denoiser, create_text_encoder
 from miroflow.rewards import mean_normalized_scores
@@ -37,6 +40,7 @@ from miroflow.train_state import (
     TrainState,
     check_train_config,
     create_train_state,
+    ema_decay_at,
     save_train_checkpoint,
     setup_dist,
     teardown_dist,
@@ -72,13 +76,15 @@ def _embeds_manifest(params: Params) -> Path:
 @dataclass(frozen=True)
 class TrainOutput:
     """What :func:`run_train` returns: the last checkpoint URI (``<run>/final`` when ``train.steps`` was
-    reached), the last global-batch loss, the step reached, this call's wall time and its per-step losses."""
+    reached), the last global-batch loss, the step reached, this call's wall time, its per-step losses and
+    the EMA decay of the last EMA update (None before the first)."""
 
     checkpoint: str
     loss: float
     steps: int
     wall_time_s: float
     losses: tuple[float, ...]
+    ema_decay: float | None = None
 
 
 def resolve_reward_names(params: Params) -> tuple[list[str], BinSet | None]:
@@ -99,10 +105,63 @@ def resolve_reward_names(params: Params) -> tuple[list[str], BinSet | None]:
     return list(wanted), binset
 
 
+def _reward_grid(params: Params, binset: BinSet | None) -> int:
+    """``G`` of the ``k/G`` grid the conditioning values lie on: ``num_bins - 1`` of the bins trained
+    with (``score.num_bins - 1`` for a baseline, which has no bins)."""
+    return (binset.num_bins if binset is not None else params.score.num_bins) - 1
+
+
+#: ``step_seed`` stream of the learned text encoder's initialisation.
+_TEXT_INIT_STREAM = 1_000
+
+
+def data_mode(params: Params) -> str:
+    """``"memory"`` or ``"stream"``: ``train.data``, with ``auto`` streaming above ``train.stream_above`` samples."""
+    tp = params.train
+    if tp.data != "auto":
+        return tp.data
+    return "stream" if int(read_manifest(params.data.manifest)["num_samples"]) > tp.stream_above else "memory"
+
+
+def _stream_source(
+    params: Params,
+    storage: Storage,
+    reward_names: list[str],
+    binset: BinSet | None,
+    frozen: Any,
+    rank: int,
+    world: int,
+) -> StreamSource:
+    """This rank's streaming source over the data manifest's shards (docs/architecture.md, "Streaming")."""
+    tp = params.train
+    shards = read_manifest(params.data.manifest)["shards"]
+    plan = StreamPlan([int(s["n"]) for s in shards], tp.batch_size, tp.seed, tp.stream_partitions, tp.stream_window)
+    loader = ShardLoader.from_manifests(
+        storage,
+        reward_names,
+        binset,
+        params.score.manifest if reward_names else None,
+        _embeds_manifest(params),
+        tp.text_encoder,
+        frozen,
+        tp.latent,
+        params.data.resolution,
+    )
+    return StreamSource(plan, [str(s["uri"]) for s in shards], loader, rank, world, tp.stream_workers)
+
+
 def _make_codec(params: Params, storage: Storage, device: torch.device) -> tuple[Any, dict[str, Any] | None]:
-    """The latent codec and, for VAE latents, the embed stage's channel stats ``{"mean": [C], "std": [C], ...}``."""
+    """The latent codec and, for VAE latents, the embed stage's channel stats ``{"mean": [C], "std": [C], ...}``
+    (recorded in ``miro.json`` as ``latent_stats``; docs/architecture.md, "Text-embedding sidecars").
+
+    Raises:
+        ValueError: no VAE latents of ``train.vae`` were embedded (one line naming the fix).
+    """
     if params.train.latent == "pixel":
         return create_codec("pixel"), None
+    problem = vae_embed_problem(params)
+    if problem is not None:
+        raise ValueError(problem)
     man = json.loads(_embeds_manifest(params).read_text())
     stats = json.loads(storage.read_bytes(man["latent_stats_uri"]))
     codec = create_codec("vae", params.train.vae, device=device)
@@ -162,19 +221,23 @@ def build_train_state(
     check_train_config(tp, ctx.world)
     learned = tp.text_encoder == "learned"
     frozen = None if learned else create_text_encoder(tp.text_encoder, device=ctx.device)
-    data = load_train_data(
-        params.data.manifest,
-        storage,
-        reward_names,
-        binset,
-        params.score.manifest,
-        text_encoder=frozen,
-        text_spec=tp.text_encoder,
-        embeds_manifest=_embeds_manifest(params),
-        latent=tp.latent,
-    )
+    data: TrainData | StreamSource
+    if data_mode(params) == "stream":
+        data = _stream_source(params, storage, reward_names, binset, frozen, ctx.rank, ctx.world)
+    else:
+        data = load_train_data(
+            params.data.manifest,
+            storage,
+            reward_names,
+            binset,
+            params.score.manifest,
+            text_encoder=frozen,
+            text_spec=tp.text_encoder,
+            embeds_manifest=_embeds_manifest(params),
+            latent=tp.latent,
+        )
     res = params.data.resolution
-    if data.images is not None and tuple(data.images.shape[1:3]) != (res, res):
+    if isinstance(data, TrainData) and data.images is not None and tuple(data.images.shape[1:3]) != (res, res):
         h, w = data.images.shape[1:3]
         raise ValueError(
             f"data.resolution: {res}, but the images of {params.data.manifest} are {w}x{h}; "
@@ -182,8 +245,17 @@ def build_train_state(
         )
     text: nn.Module | None = None
     if learned:
-        caps = data.captions + [c for c in data.syn_captions or [] if c]
-        text = rs.text_encoder if rs else create_text_encoder("learned", captions=caps)  # type: ignore[assignment]
+        caps = (
+            data.captions + [c for c in data.syn_captions or [] if c]
+            if isinstance(data, TrainData)
+            else scan_captions(data.uris, storage)
+        )
+        if rs is not None:
+            text = rs.text_encoder
+        else:  # its init is seeded too (not by whatever ran before in this process); the denoiser's RNG is untouched
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(step_seed(tp.seed, 0, stream=_TEXT_INIT_STREAM))
+                text = create_text_encoder("learned", captions=caps)  # type: ignore[assignment]
     encoder: Any = text if text is not None else frozen
     codec, latent_stats = _make_codec(params, storage, ctx.device)
     torch.manual_seed(tp.seed)
@@ -198,6 +270,8 @@ def build_train_state(
             pooled_dim=encoder.pooled_dim,
             in_channels=chans,
             sample_size=params.data.resolution // codec.downsample,
+            reward_features=tp.reward_features,
+            reward_grid=_reward_grid(params, binset),
         )
     miro = _miro_spec(params, model, reward_names, binset, encoder, latent_stats)
     inputs = TrainInputs(data, codec, model, reward_names, miro, text=text, frozen=frozen, resume=rs)
@@ -254,6 +328,19 @@ def log_samples(state: TrainState) -> None:
 # --------------------------------------------------------------------------- the loop
 
 
+def _open_sample_log(path: str | None, rank: int) -> IO[str] | None:
+    """``train.sample_log`` opened for appending (``.rank<r>`` on ranks > 0), or None.
+
+    One JSON line per step: ``{"step", "keys"}`` of this rank's rows. After a resume the steps run
+    since the checkpoint appear again: the last line of a step is the one the weights saw.
+    """
+    if not path:
+        return None
+    p = Path(path if rank == 0 else f"{path}.rank{rank}")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    return open(p, "a", encoding="utf-8")  # noqa: SIM115 - closed at the end of run_train
+
+
 def run_train(
     params: Params,
     storage: Storage | None = None,
@@ -281,9 +368,14 @@ def run_train(
     stop = min(tp.steps, max_steps if max_steps is not None else tp.steps)
     losses: list[float] = []
     bar = tqdm(total=stop, initial=state.step, desc=f"train {tp.run_name}", unit="step", disable=not main)
+    keys_log = _open_sample_log(tp.sample_log, state.dist.rank)
     while state.step < stop:
         ts0 = time.time()
-        metrics = train_step(state, make_batch(state))
+        batch = make_batch(state)
+        if keys_log is not None:
+            keys_log.write(json.dumps({"step": batch.step, "keys": list(batch.keys)}) + "\n")
+            keys_log.flush()
+        metrics = train_step(state, batch)
         losses.append(metrics.loss)
         bar.update(1)
         step = state.step
@@ -296,12 +388,21 @@ def run_train(
             save_train_checkpoint(state, checkpoint_uri(state.run, step))
             prune_checkpoints(state.run, tp.keep_last, state.storage, newest=step)
     bar.close()
+    state.source.close()
+    if keys_log is not None:
+        keys_log.close()
     final = checkpoint_uri(state.run, state.step)
     if state.step == tp.steps:
         final = join_uri(state.run, "final")
         if main:
             save_train_checkpoint(state, final)
     teardown_dist(state.dist)
+    n_ema = state.ema.optimization_step
     return TrainOutput(
-        checkpoint=final, loss=state.last_loss, steps=state.step, wall_time_s=time.time() - t0, losses=tuple(losses)
+        checkpoint=final,
+        loss=state.last_loss,
+        steps=state.step,
+        wall_time_s=time.time() - t0,
+        losses=tuple(losses),
+        ema_decay=ema_decay_at(n_ema, state.ema.decay, state.ema.warmup) if n_ema >= 1 else None,
     )

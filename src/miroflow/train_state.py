@@ -4,14 +4,19 @@
 denoiser, text encoders, an optional resume checkpoint); :func:`miroflow.train.build_train_state`
 loads those from ``params`` + storage and calls it, and a benchmark or a test may call it with
 in-memory inputs. The state is mutated only by :func:`miroflow.train_step.train_step`.
+
+EMA: :class:`ScheduledEMA` is diffusers' ``EMAModel`` (same update arithmetic, same state dict) whose
+decay comes from our :func:`ema_decay_at` (``train.ema_decay``, ``train.ema_warmup``), so the decay
+that runs is the one configured, logged (``train/ema_decay``) and reported (docs/fidelity.md, "EMA").
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,12 +28,16 @@ from torch import Tensor, nn
 
 from miroflow.checkpoint import ResumeState, run_uri, save_checkpoint
 from miroflow.config import Params, TrainConfig
-from miroflow.data.train_data import GlobalBatchOrder, TextArrays, TrainData, rank_slice
+from miroflow.data.train_data import BatchSource, MemorySource, TextArrays, TrainData, rank_slice
 from miroflow.models import MiroDenoiser, TextEncoder
 from miroflow.storage import Storage, from_config
 from miroflow.tracking import NullTracker, Tracker
 
+log = logging.getLogger(__name__)
+
 __all__ = [
+    "ScheduledEMA",
+    "ema_decay_at",
     "DistContext",
     "TrainNet",
     "TrainInputs",
@@ -41,6 +50,60 @@ __all__ = [
     "train_state_dict",
     "save_train_checkpoint",
 ]
+
+
+def ema_decay_at(update: int, decay: float, warmup: bool = True) -> float:
+    """The EMA decay of the ``update``-th EMA update (1-based: the first optimiser step is update 1).
+
+    ``warmup`` (``train.ema_warmup``): ``min(decay, (1 + t) / (10 + t))`` with ``t = update - 1``, and
+    ``0.0`` at the first update (the average starts as a copy of the weights after it); this is the
+    schedule diffusers' ``EMAModel.get_decay`` applies by default, float for float. Without
+    ``warmup``: ``decay`` from the first update on (the reference's constant EMA).
+
+    Raises:
+        ValueError: ``update < 1`` or ``decay`` outside ``[0, 1]``.
+    """
+    if update < 1:
+        raise ValueError(f"EMA update numbers start at 1, got {update}")
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
+    if not warmup:
+        return float(decay)
+    t = update - 1
+    if t <= 0:
+        return 0.0
+    return min((1 + t) / (10 + t), decay)
+
+
+class ScheduledEMA(EMAModel):
+    """diffusers' ``EMAModel`` with the decay of update ``n`` taken from :func:`ema_decay_at`.
+
+    :attr:`last_decay` is the decay the last :meth:`step` applied. The state dict is
+    ``EMAModel``'s plus ``ema_warmup``; a state without it (written before it existed) ran the warm-up.
+    """
+
+    def __init__(self, parameters: Iterable[nn.Parameter], decay: float, warmup: bool = True) -> None:
+        super().__init__(parameters, decay=decay, foreach=False)
+        self.warmup = bool(warmup)
+
+    @property
+    def last_decay(self) -> float:
+        """The decay the last :meth:`step` applied (NaN before the first)."""
+        value: float | None = self.cur_decay_value
+        return float("nan") if value is None else float(value)
+
+    def get_decay(self, optimization_step: int) -> float:
+        """The decay of EMA update ``optimization_step`` (1-based), see :func:`ema_decay_at`."""
+        return ema_decay_at(optimization_step, self.decay, self.warmup)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``EMAModel.state_dict()`` plus ``ema_warmup``."""
+        return {**super().state_dict(), "ema_warmup": self.warmup}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore decay, update count and warm-up flag (``ema_warmup`` absent = True, the old schedule)."""
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "ema_warmup"})
+        self.warmup = bool(state_dict.get("ema_warmup", True))
 
 
 @dataclass(frozen=True)
@@ -141,7 +204,8 @@ class TrainInputs:
     """What a run trains on and with, loaded before any training object is built (modules on CPU).
 
     Attributes:
-        data: the in-memory training set (images ``uint8 [N, H, W, 3]`` or raw latents ``[N, C, h, w]``).
+        data: the in-memory training set (images ``uint8 [N, H, W, 3]`` or the VAE posterior ``[N, 2, C, h, w]``),
+            or a streaming :class:`~miroflow.data.train_data.BatchSource` (``train.data: stream``).
         codec: latent codec (``channels``, ``downsample``, ``encode``/``decode``; ``mean``/``std [C]`` for
             raw latents).
         model: the denoiser to train (fresh, initialised after ``torch.manual_seed(train.seed)``, or resumed).
@@ -152,7 +216,7 @@ class TrainInputs:
         resume: the checkpoint being continued, else None.
     """
 
-    data: TrainData
+    data: TrainData | BatchSource
     codec: Any
     model: MiroDenoiser
     reward_names: list[str]
@@ -179,8 +243,8 @@ class TrainState:
     run: str
     reward_names: list[str]
     miro: dict[str, Any]
-    data: TrainData
-    order: GlobalBatchOrder
+    data: TrainData | BatchSource
+    source: BatchSource
     rows: slice
     micro: int
     codec: Any
@@ -189,7 +253,7 @@ class TrainState:
     empty: TextArrays | None
     net: TrainNet
     ema_net: TrainNet
-    ema: EMAModel
+    ema: ScheduledEMA
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LambdaLR
     ddp: nn.Module
@@ -227,7 +291,7 @@ def create_train_state(
         rs.ema_denoiser if rs else copy.deepcopy(model), rs.ema_text_encoder if rs else copy.deepcopy(text)
     ).to(device)
     ema_net.requires_grad_(False)
-    ema = EMAModel(list(net.parameters()), decay=tp.ema_decay, foreach=False)
+    ema = ScheduledEMA(list(net.parameters()), decay=tp.ema_decay, warmup=tp.ema_warmup)
     opt = torch.optim.AdamW(net.parameters(), lr=tp.lr, weight_decay=tp.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tp.warmup_steps, tp.steps, tp.min_lr_ratio))
     step, last_loss = 0, float("nan")
@@ -235,12 +299,22 @@ def create_train_state(
         ts = rs.train_state
         opt.load_state_dict(ts["optimizer"])
         sched.load_state_dict(ts["scheduler"])
-        ema.load_state_dict(ts["ema"])
+        ema.load_state_dict(ts["ema"])  # the run continues its own EMA schedule
+        if (ema.decay, ema.warmup) != (tp.ema_decay, tp.ema_warmup):
+            log.warning(
+                "resume: the checkpoint's EMA (decay %s, warm-up %s) continues; train.ema_decay %s / "
+                "train.ema_warmup %s are ignored",
+                ema.decay,
+                ema.warmup,
+                tp.ema_decay,
+                tp.ema_warmup,
+            )
         ema.shadow_params = [p.detach().clone() for p in ema_net.parameters()]
         torch.set_rng_state(ts["rng"]["torch"])
         if device.type == "cuda" and "cuda" in ts["rng"]:
             torch.cuda.set_rng_state(ts["rng"]["cuda"], device)
         step, last_loss = int(ts["step"]), float(ts.get("last_loss", float("nan")))
+        _check_order(ts.get("data", {}), _order_of(inputs.data))
     ddp: nn.Module = net
     if ctx.world > 1:
         ddp = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
@@ -261,7 +335,7 @@ def create_train_state(
         reward_names=list(inputs.reward_names),
         miro=inputs.miro,
         data=inputs.data,
-        order=GlobalBatchOrder(len(inputs.data), tp.batch_size, tp.seed),
+        source=MemorySource(inputs.data, tp.batch_size, tp.seed) if isinstance(inputs.data, TrainData) else inputs.data,
         rows=rank_slice(tp.batch_size, ctx.rank, ctx.world),
         micro=(tp.batch_size // ctx.world) // tp.grad_accum,
         codec=codec,
@@ -298,8 +372,26 @@ def train_state_dict(state: TrainState) -> dict[str, Any]:
             "step": state.step,
             "samples_seen": state.step * state.params.train.batch_size,
             "dataset_size": len(state.data),
+            "order": _order_of(state.data),
         },
     }
+
+
+def _order_of(data: Any) -> dict[str, Any]:
+    """What the run's sample order depends on: ``{"mode": "memory"}`` or the stream's settings."""
+    describe = getattr(data, "describe", None)
+    return {"mode": "stream", **describe()} if callable(describe) else {"mode": "memory"}
+
+
+def _check_order(saved: dict[str, Any], now: dict[str, Any]) -> None:
+    """Refuse to resume with another sample order (the world size may change; the order may not)."""
+    before = saved.get("order")
+    if before is not None and before != now:
+        changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        raise ValueError(
+            f"train.data / train.stream_*: the checkpoint was trained with sample order {before}, these params give "
+            f"{now} ({', '.join(changed)} differ); resume with the same settings (only the world size may change)"
+        )
 
 
 def save_train_checkpoint(state: TrainState, uri: str) -> str:

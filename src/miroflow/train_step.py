@@ -4,7 +4,9 @@ Everything random in a step is a pure function of ``(train.seed, step, global sa
 the batch indices, the synthetic-caption choice, ``t``, the noise, reward dropout and text dropout
 are drawn for the *whole global batch* from generators seeded with ``step_seed(seed, step, k)``
 (``k`` = 0..4, in that order) on every rank, then sliced ``[r·B/W, (r+1)·B/W)``. So a run is
-independent of the world size and resumes exactly from a checkpoint's step.
+independent of the world size and resumes exactly from a checkpoint's step. VAE latents add one
+stream, :data:`POSTERIOR_STREAM`: the posterior noise ``ε`` of ``z = mean + std·ε``
+(:func:`posterior_eps`; docs/architecture.md, "Text-embedding sidecars"); pixel runs never draw it.
 """
 
 from __future__ import annotations
@@ -29,7 +31,16 @@ from miroflow.flow import (
 )
 from miroflow.train_state import TrainState
 
-__all__ = ["T_BINS", "StepBatch", "StepMetrics", "make_batch", "train_step", "to_model_space"]
+__all__ = [
+    "POSTERIOR_STREAM",
+    "T_BINS",
+    "StepBatch",
+    "StepMetrics",
+    "make_batch",
+    "posterior_eps",
+    "train_step",
+    "to_model_space",
+]
 
 #: Equal-width t-bins of the ``loss/t_bin_k`` metrics.
 T_BINS = 10
@@ -47,6 +58,7 @@ class StepBatch:
         text: precomputed text (``tokens [b, L, D]`` fp32, ``mask [b, L]``, ``pooled [b, Dp]`` fp32) with
             dropped captions replaced by the empty caption; None for a trainable text encoder.
         captions: the ``b`` captions used (``""`` where dropped).
+        keys: the ``b`` samples' keys.
     """
 
     step: int
@@ -56,6 +68,7 @@ class StepBatch:
     rewards: Tensor | None
     text: TextArrays | None
     captions: tuple[str, ...]
+    keys: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -63,7 +76,8 @@ class StepMetrics:
     """What one step measured (global-batch values, identical on every rank).
 
     ``step`` is the step count after it; ``t_bin_losses[k]`` the mean loss of the samples with ``t``
-    in ``[k/T, (k+1)/T)`` (None where the bin was empty); ``wall_s`` the seconds :func:`train_step` took.
+    in ``[k/T, (k+1)/T)`` (None where the bin was empty); ``wall_s`` the seconds :func:`train_step` took;
+    ``ema_decay`` the decay the step's EMA update applied (:func:`~miroflow.train_state.ema_decay_at`).
     """
 
     step: int
@@ -73,6 +87,7 @@ class StepMetrics:
     lr: float
     wall_s: float
     batch_size: int
+    ema_decay: float = float("nan")
 
     @property
     def img_per_s(self) -> float:
@@ -80,7 +95,8 @@ class StepMetrics:
         return self.batch_size / max(1e-9, self.wall_s)
 
     def log_metrics(self, img_per_s: float | None = None) -> dict[str, float]:
-        """``loss``, ``lr``, ``grad_norm``, ``img_per_s`` (default: :attr:`img_per_s`), ``loss/t_bin_k``."""
+        """``loss``, ``lr``, ``grad_norm``, ``img_per_s`` (default: :attr:`img_per_s`), ``loss/t_bin_k``,
+        ``train/ema_decay``."""
         out = {
             "loss": self.loss,
             "lr": self.lr,
@@ -88,14 +104,35 @@ class StepMetrics:
             "img_per_s": self.img_per_s if img_per_s is None else img_per_s,
         }
         out.update({f"loss/t_bin_{k}": v for k, v in enumerate(self.t_bin_losses) if v is not None})
+        out["train/ema_decay"] = self.ema_decay
         return out
 
 
-def to_model_space(x: Tensor, codec: Any, device: torch.device) -> Tensor:
-    """uint8 images ``[b, H, W, 3]`` or raw fp16 latents ``[b, C, h, w]`` -> normalised ``[b, C, h, w]``."""
+#: ``step_seed`` stream of the VAE posterior noise (after the 0..4 of :func:`make_batch`).
+POSTERIOR_STREAM = 5
+
+
+def posterior_eps(seed: int, step: int, batch_size: int, shape: tuple[int, int, int]) -> Tensor:
+    """The posterior noise ``ε [B, C, h, w]`` of global step ``step``'s whole batch: a pure function of
+    ``(seed, step)`` (``step_seed(seed, step, POSTERIOR_STREAM)``); each rank takes its rows."""
+    g = torch.Generator().manual_seed(step_seed(seed, step, POSTERIOR_STREAM))
+    return torch.randn((batch_size, *shape), generator=g)
+
+
+def to_model_space(x: Tensor, codec: Any, device: torch.device, eps: Tensor | None = None) -> Tensor:
+    """uint8 images ``[b, H, W, 3]``, a raw fp16 latent posterior ``[b, 2, C, h, w]`` (mean, std) or raw
+    latents ``[b, C, h, w]`` -> normalised ``[b, C, h, w]``.
+
+    A posterior is sampled as ``z = mean + std·eps`` (``eps [b, C, h, w]``; None takes the mean), then
+    normalised by the codec's channel stats: ``(z - mean_c) / std_c``.
+    """
     if x.dtype == torch.uint8:
         return codec.encode(x.to(device).permute(0, 3, 1, 2).float() / 255.0)  # type: ignore[no-any-return]
-    z = x.to(device, torch.float32)
+    if x.dim() == 5:
+        mean, std = x[:, 0].to(device, torch.float32), x[:, 1].to(device, torch.float32)
+        z = mean if eps is None else mean + std * eps.to(device, torch.float32)
+    else:
+        z = x.to(device, torch.float32)
     return (z - codec.mean.view(1, -1, 1, 1).to(device)) / codec.std.view(1, -1, 1, 1).to(device)
 
 
@@ -113,7 +150,6 @@ def make_batch(state: TrainState, step: int | None = None) -> StepBatch:
     tp, device = state.params.train, state.device
     step = state.step if step is None else step
     n, sl = tp.batch_size, state.rows
-    gidx = state.order.indices(step)
     g = [torch.Generator().manual_seed(step_seed(tp.seed, step, k)) for k in range(5)]
     use_syn = torch.rand(n, generator=g[0]) < tp.synthetic_caption_prob
     t_all = sample_t(n, generator=g[1])
@@ -122,8 +158,9 @@ def make_batch(state: TrainState, step: int | None = None) -> StepBatch:
         torch.zeros(n, len(state.reward_names)), tp.reward_dropout, tp.all_reward_dropout, generator=g[3]
     ).isnan()
     tdrop = apply_text_dropout(n, tp.text_dropout, generator=g[4])
-    batch = state.data.batch(gidx[sl], use_syn[sl])
-    x0 = to_model_space(batch.x, state.codec, device)
+    batch = state.source.batch(step, sl, use_syn[sl])
+    eps = posterior_eps(tp.seed, step, n, state.shape)[sl] if batch.x.dim() == 5 else None
+    x0 = to_model_space(batch.x, state.codec, device, eps)
     rew = batch.rewards.masked_fill(rdrop[sl], float("nan")).to(device)
     caps = tuple("" if d else c for c, d in zip(batch.captions, tdrop[sl].tolist()))
     text = None
@@ -132,7 +169,8 @@ def make_batch(state: TrainState, step: int | None = None) -> StepBatch:
             raise RuntimeError("precomputed text needs the frozen encoder's empty caption (TrainInputs.frozen)")
         text = _text_inputs(batch.text, tdrop[sl], state.empty, device)
     t, noise = t_all[sl].to(device), noise_all[sl].to(device)
-    return StepBatch(step, x0, t, noise, rew if state.reward_names else None, text, caps)
+    keys = tuple(batch.keys or ())
+    return StepBatch(step, x0, t, noise, rew if state.reward_names else None, text, caps, keys)
 
 
 def train_step(state: TrainState, batch: StepBatch) -> StepMetrics:
@@ -191,4 +229,5 @@ def train_step(state: TrainState, batch: StepBatch) -> StepMetrics:
         lr=float(state.sched.get_last_lr()[0]),
         wall_s=time.perf_counter() - t0,
         batch_size=tp.batch_size,
+        ema_decay=state.ema.last_decay,
     )

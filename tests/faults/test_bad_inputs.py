@@ -715,13 +715,14 @@ def test_valid_image_in_another_mode_is_imported_as_rgb_and_scored(tmp_path: Pat
     spec = MODE_KINDS[kind]
     data, shown = spec.build()
     assert Image.open(io.BytesIO(data)).mode == spec.mode
-    _ok(_import(tmp_path, {"part-0.tar": _tar(_sample("good1") + _sample("odd", data, spec.ext))}))
+    tars = {"part-0.tar": _tar(_sample("good1") + _sample("odd", data, spec.ext))}
+    _ok(_import(tmp_path, tars, "-S", "data.resolution=16"))  # 16x16 sources: converted, not resized
     records, rejected = _imported(tmp_path)
     assert rejected == []
     by_caption = {r["txt"]: r for r in records}
     assert set(by_caption) == {_caption("good1"), _caption("odd")}
     odd = by_caption[_caption("odd")]
-    assert odd["image_bytes"] == data  # the original bytes are kept
+    assert (odd["json"]["orig_width"], odd["json"]["orig_height"]) == (16, 16)
     rgb = decode_image(odd["image_bytes"])
     assert rgb.shape == (16, 16, 3) and rgb.dtype == np.uint8
     diff = float(np.abs(rgb.astype(np.float64) - shown.astype(np.float64)).mean())

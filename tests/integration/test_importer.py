@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from miroflow.data.importers import import_tars
+from miroflow.data.importers import center_crop_box, import_tars, preprocess_image
 from miroflow.data.shards import ShardError, decode_image, encode_image, iter_shard
 from miroflow.storage import Storage
 
@@ -177,3 +177,62 @@ def test_empty_or_non_tar_source_is_an_error_not_zero_samples(tmp_path: Path, co
     (tmp_path / "src" / "a.tar").write_bytes(content)
     with pytest.raises(ShardError, match=r"no usable sample in 1 tar file"):
         import_tars(str(tmp_path / "src"), str(tmp_path / "out"), "train", 10, Storage(retries=0), progress=False)
+
+
+# --------------------------------------------------------------------------- preprocessing (data.resolution)
+@pytest.mark.parametrize(
+    ("size", "box"),
+    [((100, 50), (25, 0, 75, 50)), ((33, 77), (0, 22, 33, 55)), ((64, 64), (0, 0, 64, 64)), ((41, 30), (5, 0, 35, 30))],
+)
+def test_center_crop_box_is_the_largest_centred_square(size: tuple[int, int], box: tuple[int, int, int, int]) -> None:
+    assert center_crop_box(*size) == box
+
+
+def test_preprocess_image_keeps_the_centre_square_only() -> None:
+    # red | blue | green bands, 100x50: the centre square is the blue band
+    bands = np.zeros((50, 100, 3), np.uint8)
+    bands[:, :25] = [255, 0, 0]
+    bands[:, 25:75] = [0, 0, 255]
+    bands[:, 75:] = [0, 255, 0]
+    for res in (16, 64):  # down- and upscaled
+        out = preprocess_image(bands, res)
+        assert out.shape == (res, res, 3) and out.dtype == np.uint8
+        assert out[..., :2].max() <= 32 and out[..., 2].min() >= 224  # Lanczos's support barely reaches past the box
+    square = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    assert preprocess_image(square, 32) is square  # already at the resolution: untouched
+    with pytest.raises(ValueError, match=r"uint8 \[H, W, 3\]"):
+        preprocess_image(square[..., 0], 32)
+
+
+def test_import_with_resolution_resizes_records_sizes_and_rejects_below_min_side(tmp_path: Path) -> None:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    sizes = {"000000001": (12, 10), "000000002": (80, 40), "000000003": (30, 90)}
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for key, (w, h) in sizes.items():
+            png = io.BytesIO()
+            Image.new("P", (w, h), 3).save(png, format="PNG")
+            _add(tf, f"{key}.png", png.getvalue())
+            _add(tf, f"{key}.txt", f"image {key}".encode())
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.tar").write_bytes(buf.getvalue())
+    storage = Storage(retries=0)
+    report = import_tars(
+        str(tmp_path / "src"), str(tmp_path / "out"), "train", 10, storage, progress=False, resolution=16, min_side=20
+    )
+    assert report.num_ok == 2
+    assert report.rejected == [
+        {
+            "source": str(tmp_path / "src" / "a.tar"),
+            "key": "000000001",
+            "reason": "image 12x10: shorter side 10 px is below data.min_side=20",
+        }
+    ]
+    recs = list(iter_shard(report.entries[0]["uri"], storage))
+    assert [(r["json"]["orig_width"], r["json"]["orig_height"]) for r in recs] == [(80, 40), (30, 90)]
+    for r in recs:
+        assert r["image_ext"] == "png" and decode_image(r["image_bytes"]).shape == (16, 16, 3)
+    # min_side off (the default): nothing is dropped, the 12x10 image is upscaled
+    kept = import_tars(str(tmp_path / "src"), str(tmp_path / "o2"), "train", 10, storage, progress=False, resolution=16)
+    assert kept.num_ok == 3 and kept.rejected == []

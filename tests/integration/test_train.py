@@ -112,7 +112,10 @@ def test_loss_falls_and_metrics_are_logged(data_overrides: list[str]) -> None:
     assert last < 0.8 * first, (first, last)
     assert out.checkpoint.endswith("runs/falls/final") and Path(out.checkpoint, "miro.json").is_file()
     step1 = dict(tracker.metrics)[1]
-    assert {"loss", "lr", "grad_norm", "img_per_s"} <= set(step1)
+    assert {"loss", "lr", "grad_norm", "img_per_s", "train/ema_decay"} <= set(step1)
+    # The EMA decay each step applied (train.ema_warmup: min(ema_decay, (1+t)/(10+t)), 0 at the first).
+    decays = [m["train/ema_decay"] for _, m in tracker.metrics if "train/ema_decay" in m]
+    assert decays[:3] == [0.0, 2 / 11, 3 / 12] and out.ema_decay == decays[-1] == 60 / 69
     assert any(k.startswith("loss/t_bin_") for k in step1)
     assert step1["loss"] == pytest.approx(losses[0])
     key, step, grid = tracker.images[-1]

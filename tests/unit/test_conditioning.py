@@ -287,3 +287,33 @@ def test_edges_are_read_only_copies() -> None:
         rb.edges[0] = 5.0
     with pytest.raises(BinsFormatError, match="edges"):
         BinSet(3, {"r": rb})  # 3 edges = 2 bins, not 3
+
+
+def test_piled_up_extremes_map_to_zero_and_one_for_every_reward() -> None:
+    """Ties at the minimum go to bin 0 and ties at the maximum to the top bin (docs/design.md §3), so
+    the targets 0 and 1 are training values; fails on the old rule (``side="right"`` everywhere gave
+    the 12% zeros 7/63)."""
+    rng = _rng(5)
+    n = 10_000
+    rewards: dict[str, np.ndarray] = {}
+    for j, (lo_frac, hi_frac) in enumerate([(0.12, 0.0), (0.03, 0.05), (0.0, 0.2), (0.3, 0.3)]):
+        v = rng.uniform(0.1, 0.9, size=n)
+        u = rng.uniform(size=n)
+        v[u < lo_frac] = 0.0
+        v[u > 1 - hi_frac] = 1.0
+        rewards[f"r{j}"] = v
+    bs = fit_bins(rewards, num_bins=64)
+    cond = bs.transform(rewards)
+    for j, (name, v) in enumerate(rewards.items()):
+        edges = bs.rewards[name].edges
+        c = cond[:, j]
+        at_min, at_max = v == edges[0], v == edges[-1]
+        assert at_min.any() and at_max.any()
+        assert np.all(c[at_min] == 0.0), (name, np.unique(c[at_min]))
+        assert np.all(c[at_max] == 1.0), (name, np.unique(c[at_max]))
+        assert np.all(bs.rewards[name].bin_index(v[at_min]) == 0)
+        assert np.all(np.diff(bs.transform_one(name, np.sort(v))) >= 0)  # still monotone
+    # 12% exact zeros: seven interior edges sit at 0; the zeros still get the value 0.
+    assert np.sum(bs.rewards["r0"].edges[1:-1] == 0.0) == 7 and np.all(cond[rewards["r0"] == 0.0, 0] == 0.0)
+    # Values just above the pile keep today's rule: the bin above every edge equal to 0.
+    assert bs.transform_one("r0", np.array([1e-9]))[0] == 7 / 63

@@ -79,3 +79,33 @@ def test_cli_validate_exits_nonzero_and_names_keys(tmp_path: Path) -> None:
 def test_missing_explicit_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ParamsError):
         load_params(tmp_path / "nope.yaml")
+
+
+# --------------------------------------------------------------------------- domain-dependent defaults
+IMPORT = ["data.domain=import", "data.import_uri=/in"]
+
+
+def test_import_domain_fills_the_defaults_only_where_not_given() -> None:
+    from miroflow.config import IMPORT_DEFAULT_REWARDS, SHAPES_DEFAULT_REWARDS, DataConfig, apply_overrides
+
+    imp = list(IMPORT_DEFAULT_REWARDS)
+    assert Params().score.rewards == list(SHAPES_DEFAULT_REWARDS) and Params().sweep.select_by == "shapes_alignment"
+    assert load_params(None, IMPORT).score.rewards == imp
+    assert apply_overrides(Params(), IMPORT).score.rewards == imp  # Params() gave nothing: defaults resolved again
+    assert Params(data=DataConfig(domain="import")).score.rewards == imp
+    assert load_params(None, [*IMPORT, "score.rewards=null", "sweep.select_by=null"]).sweep.select_by == "sharpness"
+    assert load_params(None, ["score.rewards=null"]).score.rewards == list(SHAPES_DEFAULT_REWARDS)
+    # given values are kept (preflight judges them)
+    p = load_params(None, [*IMPORT, "score.rewards=[noise,shapes_alignment]"])
+    assert p.score.rewards == ["noise", "shapes_alignment"] and p.sweep.select_by == "noise"
+    assert load_params(None, [*IMPORT, "sweep.select_by=contrast"]).sweep.select_by == "contrast"
+    # rewards with configured weights join the import defaults
+    w = load_params(None, [*IMPORT, "score.reward_weights.laion_aesthetic=/w/aesthetic"])
+    assert w.score.rewards == [*imp, "laion_aesthetic"]
+
+
+def test_repo_params_yaml_resolves_per_domain() -> None:
+    from miroflow.config import IMPORT_DEFAULT_REWARDS, SHAPES_DEFAULT_REWARDS
+
+    assert load_params(REPO / "params.yaml").score.rewards == list(SHAPES_DEFAULT_REWARDS)
+    assert load_params(REPO / "params.yaml", IMPORT).score.rewards == list(IMPORT_DEFAULT_REWARDS)

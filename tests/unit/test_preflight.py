@@ -180,3 +180,43 @@ def test_a_prepared_dataset_passes_the_score_preflight(tmp_path: Path) -> None:
 def test_unknown_stage_is_a_programming_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown stage 'trian'"):
         preflight(_params(tmp_path), "trian")
+
+
+# --------------------------------------------------------------------------- data domains (issue 11 item 3)
+def test_import_defaults_are_the_weight_free_image_rewards() -> None:
+    from miroflow.config import IMPORT_DEFAULT_REWARDS
+    from miroflow.rewards import weight_free_rewards
+
+    # built-ins register first; other tests may register weight-free test rewards after them
+    assert weight_free_rewards("import")[: len(IMPORT_DEFAULT_REWARDS)] == IMPORT_DEFAULT_REWARDS
+    assert "shapes_alignment" in weight_free_rewards() and "shapes_alignment" in weight_free_rewards("shapes")
+    p = load_params(None, ["data.domain=import", "data.import_uri=/in"])
+    assert tuple(p.score.rewards) == IMPORT_DEFAULT_REWARDS and p.sweep.select_by == "sharpness"
+    assert check_params(p) == []
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("score.rewards=[sharpness,shapes_alignment]", "score.rewards"),
+        ("train.rewards=[shapes_alignment]", "train.rewards"),
+        ("eval.rewards=[shapes_alignment]", "eval.rewards"),
+        ("eval.reward_targets.shapes_alignment=1.0", "eval.reward_targets"),
+        ("eval.negative_reward_targets.shapes_alignment=0.0", "eval.negative_reward_targets"),
+        ("sweep.select_by=shapes_alignment", "sweep.select_by"),
+        ("sweep.target_reward=shapes_alignment", "sweep.target_reward"),
+    ],
+)
+def test_shapes_only_reward_is_refused_for_imported_data(override: str, field: str) -> None:
+    p = load_params(None, ["data.domain=import", "data.import_uri=/in", override])
+    expected = f"{field}: 'shapes_alignment' scores shapes captions only; not valid for data.domain=import"
+    assert [line for line in check_params(p) if line.startswith(expected)], check_params(p)
+    assert check_params(load_params(None, [override])) == []  # valid for data.domain=shapes
+
+
+def test_shapes_prompt_set_is_refused_for_evaluating_imported_data(tmp_path: Path) -> None:
+    p = _params(tmp_path, "data.domain=import", "data.import_uri=/in")
+    with pytest.raises(PreflightError) as err:
+        preflight(p, "evaluate")
+    assert any(line.startswith("eval.prompt_set: 'shapes' holds shapes captions") for line in err.value.problems)
+    assert check_params(p) == []  # only the stages that sample prompts refuse it

@@ -133,3 +133,31 @@ def test_parti_bad_header_and_rows(tmp_path: Path) -> None:
 def test_n_must_be_positive() -> None:
     with pytest.raises(PromptSetError, match="n must be"):
         load_prompt_set("shapes", n=0)
+
+
+# --------------------------------------------------------------------------- txt (your own prompts)
+def test_txt_prompt_file_is_one_prompt_per_line(tmp_path: Path) -> None:
+    f = tmp_path / "prompts.txt"
+    f.write_bytes("# my prompts\r\na dog on the beach\r\n\r\n  a red car  \r\ncafé au lait\n".encode())
+    items = load_prompt_set(f"txt:{f}")
+    assert [it.prompt for it in items] == ["a dog on the beach", "a red car", "café au lait"]
+    assert {it.tag for it in items} == {"txt"}
+    assert items[1].metadata == {"tag": "txt", "prompt": "a red car", "line": 4}
+    assert [it.prompt for it in load_prompt_set(f"txt:{f}", 2)] == ["a dog on the beach", "a red car"]
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (b"# only a comment\n\n", "is empty"),
+        (b"ok\nbin\x00ary\n", r"line 2: control character '\\x00'"),
+        (b"ok\n\xff\xfe\n", "line 2: not UTF-8"),
+    ],
+)
+def test_bad_txt_prompt_file_names_file_and_line(tmp_path: Path, content: bytes, match: str) -> None:
+    f = tmp_path / "prompts.txt"
+    f.write_bytes(content)
+    with pytest.raises(PromptSetError, match=match):
+        load_prompt_set(f"txt:{f}")
+    with pytest.raises(PromptSetError, match="needs a path"):
+        load_prompt_set("txt:")

@@ -161,7 +161,8 @@ def test_vae_latent_sidecars_and_stats(scored: Params, tmp_path: Path) -> None:
     manifest = run_embed(params)
     assert manifest["vae"] == str(tmp_path / "vae") and manifest["latent_stats_uri"]
     tensors, meta = read_sidecar(manifest["sidecars"][0]["uri"], storage)
-    assert tensors["latents"].dtype == torch.float16 and tensors["latents"].shape == (128, 4, 16, 16)
+    for name in ("latents_mean", "latents_std"):  # the VAE posterior, stored fp16
+        assert tensors[name].dtype == torch.float16 and tensors[name].shape == (128, 4, 16, 16)
     stats = json.loads(storage.read_bytes(manifest["latent_stats_uri"]))
     data = load_train_data(
         params.data.manifest,
@@ -171,8 +172,55 @@ def test_vae_latent_sidecars_and_stats(scored: Params, tmp_path: Path) -> None:
         embeds_manifest=embeds_manifest_path(params),
         latent="vae",
     )
-    assert data.images is None and data.latents is not None and data.latents.shape == (256, 4, 16, 16)
-    z = data.latents.double()
+    assert data.images is None and data.latents is not None and data.latents.shape == (256, 2, 4, 16, 16)
+    z, post_std = data.latents[:, 0].double(), data.latents[:, 1].double()
+    # stats of the sampled latents z = mean + std·eps: Var = Var[mean] + E[std²]
+    var = z.var(dim=(0, 2, 3), unbiased=False) + (post_std**2).mean(dim=(0, 2, 3))
     np.testing.assert_allclose(stats["mean"], z.mean(dim=(0, 2, 3)).numpy(), atol=2e-3)
-    np.testing.assert_allclose(stats["std"], z.std(dim=(0, 2, 3), unbiased=False).numpy(), rtol=2e-2, atol=2e-3)
-    assert data.batch(torch.tensor([3, 1])).x.shape == (2, 4, 16, 16)
+    np.testing.assert_allclose(stats["std"], var.sqrt().numpy(), rtol=2e-2, atol=2e-3)
+    assert data.batch(torch.tensor([3, 1])).x.shape == (2, 2, 4, 16, 16)
+
+
+def test_sidecars_with_synthetic_captions_in_only_some_shards(tmp_path: Path) -> None:
+    """Used to be an IndexError: shard b's sidecar has no syn_* (none of its samples has a synthetic
+    caption), so its rows repeat its original text; a stale sidecar is an error naming the shard."""
+    from miroflow.data.sidecars import sidecar_bytes
+    from miroflow.data.train_data import _load_sidecar_text
+
+    storage = Storage()
+    g = torch.Generator().manual_seed(0)
+
+    def arrays(n: int) -> dict[str, torch.Tensor]:
+        return {
+            "tokens": torch.randn(n, 4, 8, generator=g).half(),
+            "mask": torch.ones(n, 4, dtype=torch.bool),
+            "pooled": torch.randn(n, 8, generator=g),
+        }
+
+    a, b = arrays(3), arrays(2)
+    a_syn = {f"syn_{k}": v for k, v in arrays(3).items()}
+    keys_a, keys_b = ["a0", "a1", "a2"], ["b0", "b1"]
+    for name, tensors, keys in (("shard-a", {**a, **a_syn}, keys_a), ("shard-b", b, keys_b)):
+        (tmp_path / f"{name}.safetensors").write_bytes(
+            sidecar_bytes(tensors, {"keys": json.dumps(keys), "encoder": "enc"})
+        )
+    man = tmp_path / "embeds.json"
+    man.write_text(
+        json.dumps(
+            {
+                "encoder": "enc",
+                "sidecars": [{"shard": s, "uri": str(tmp_path / f"{s}.safetensors")} for s in ("shard-a", "shard-b")],
+            }
+        )
+    )
+    shards = [{"uri": "shard-a"}, {"uri": "shard-b"}]
+    order = ["b1", "a0", "a2", "b0", "a1"]
+    side = _load_sidecar_text(man, "enc", shards, order, storage, frozenset(keys_a))
+    assert side is not None
+    text, syn = side[0], side[1]
+    assert syn is not None and syn.tokens.shape == (5, 4, 8) == text.tokens.shape
+    assert torch.equal(syn.tokens[0], b["tokens"][1]) and torch.equal(syn.pooled[3], b["pooled"][0])
+    assert torch.equal(syn.tokens[1], a_syn["syn_tokens"][0]) and torch.equal(text.tokens[1], a["tokens"][0])
+    # A sample of shard b with a synthetic caption but no syn_* in its sidecar: stale, named.
+    with pytest.raises(ValueError, match=r"embedding sidecar of shard shard-b .* has no synthetic-caption embeddings"):
+        _load_sidecar_text(man, "enc", shards, order, storage, frozenset(keys_a + ["b0"]))

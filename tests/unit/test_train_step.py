@@ -126,7 +126,7 @@ def test_checkpoint_train_state_keys(tmp_path: Path) -> None:
     ts = torch.load(Path(uri) / TRAIN_STATE, weights_only=True)
     assert list(ts) == ["step", "last_loss", "optimizer", "scheduler", "ema", "rng", "data"]
     assert ts["step"] == 1 and ts["last_loss"] == state.last_loss
-    assert ts["data"] == {"step": 1, "samples_seen": 8, "dataset_size": N}
+    assert ts["data"] == {"step": 1, "samples_seen": 8, "dataset_size": N, "order": {"mode": "memory"}}
 
 
 def test_bad_inputs_raise_naming_the_field(tmp_path: Path) -> None:
@@ -139,3 +139,54 @@ def test_bad_inputs_raise_naming_the_field(tmp_path: Path) -> None:
     inputs = TrainInputs(_data(), PixelCodec(), create_denoiser("tiny", REWARDS, text_dim=D, pooled_dim=D), REWARDS)
     with pytest.raises(ValueError, match=r"train\.optimizer: 'lamb' is not offered"):
         create_train_state(bad, inputs)
+
+
+# --------------------------------------------------------------------------- EMA schedule (docs/fidelity.md, "EMA")
+def test_ema_decay_schedule_is_diffusers_warmup_or_constant() -> None:
+    from diffusers.training_utils import EMAModel
+
+    from miroflow.train_state import ema_decay_at
+
+    for decay in (0.99, 0.999, 0.9999):
+        ref = EMAModel([torch.nn.Parameter(torch.zeros(1))], decay=decay)
+        ours = [ema_decay_at(n, decay) for n in range(1, 3001)]
+        assert ours == [ref.get_decay(n) for n in range(1, 3001)]  # float for float
+        assert ours[0] == 0.0 and ours[1] == 2 / 11 and ours[-1] == min(decay, 3000 / 3009)
+        assert [ema_decay_at(n, decay, warmup=False) for n in (1, 2, 1200)] == [decay] * 3
+    assert ema_decay_at(1200, 0.999) == pytest.approx(0.99256, abs=1e-5)  # what ran at 1,200 steps
+    with pytest.raises(ValueError, match="start at 1"):
+        ema_decay_at(0, 0.999)
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_ema_weights_and_logged_decay_follow_the_schedule(tmp_path: Path, warmup: bool) -> None:
+    """Default params (warm-up): the EMA weights equal diffusers' EMAModel's bit for bit, as before the
+    schedule was ours; without warm-up the decay is train.ema_decay from the first step."""
+    from diffusers.training_utils import EMAModel
+
+    decay, extra = (0.999, []) if warmup else (0.9, ["train.ema_warmup=false", "train.ema_decay=0.9"])
+    state = build(tmp_path, *extra)
+    assert (state.ema.decay, state.ema.warmup) == (decay, warmup)
+    ref = EMAModel(list(state.net.parameters()), decay=decay, foreach=False)  # what ran before
+    manual = [p.detach().clone() for p in state.net.parameters()]
+    logged = []
+    for _ in range(12):
+        m = train_step(state, make_batch(state))
+        logged.append(m.log_metrics()["train/ema_decay"])
+        if warmup:
+            ref.step(state.net.parameters())
+        for s, p in zip(manual, state.net.parameters()):
+            s.mul_(decay).add_(p.detach(), alpha=1 - decay)
+    want = [ref.get_decay(n) for n in range(1, 13)] if warmup else [0.9] * 12
+    assert logged == want and state.ema.last_decay == state.ema.cur_decay_value == want[-1]
+    for ours, p, s in zip(state.ema.shadow_params, ref.shadow_params, manual):
+        if warmup:
+            assert torch.equal(ours, p)
+        else:
+            torch.testing.assert_close(ours, s, atol=1e-6, rtol=1e-5)
+    sd = state.ema.state_dict()
+    assert sd["ema_warmup"] is warmup and sd["optimization_step"] == 12
+    # A train_state.pt written before ema_warmup existed ran the warm-up.
+    fresh = build(tmp_path / "fresh", "train.ema_warmup=false")
+    fresh.ema.load_state_dict({k: v for k, v in sd.items() if k not in ("ema_warmup", "shadow_params")})
+    assert fresh.ema.warmup is True and fresh.ema.optimization_step == 12

@@ -17,7 +17,7 @@ class Sample:
         image: ``uint8`` array ``[H, W, 3]`` (RGB), or already-encoded bytes in ``encoded``.
         caption: the caption stored in ``{key}.txt``.
         meta: JSON-serialisable metadata stored in ``{key}.json`` (``caption`` is added if absent).
-        encoded: optional pre-encoded image bytes (importers keep the original JPEG bytes).
+        encoded: optional pre-encoded image bytes (an import without a resolution keeps the original bytes).
         image_ext: ``"png"`` or ``"jpg"`` — the member extension for the image.
     """
 

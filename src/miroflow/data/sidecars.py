@@ -7,9 +7,15 @@ shard in order::
     mask        [N, L]     bool
     pooled      [N, Dp]    float32
     syn_tokens / syn_mask / syn_pooled      only when the shard has synthetic captions
-    latents     [N, C, h, w] float16        only for train.latent == "vae" (raw, un-normalised)
+    latents_mean, latents_std  [N, C, h, w] float16   only for train.latent == "vae": the VAE
+                posterior's mean and std (raw, un-normalised); training draws mean + std·ε per step
+    latents     [N, C, h, w] float16        older sidecars: the posterior mean alone (read as std 0)
   metadata (all str): keys (JSON list), encoder (spec), max_length, vae (path or ""), format,
-            latent_sum / latent_sumsq (JSON [C] float64), latent_count (int) for vae
+            for vae: posterior ("mean+std"), latent_sum / latent_sumsq / latent_varsum (JSON [C]
+            float64: sums of the means, their squares and the posterior variances), latent_count (int)
+
+:func:`posterior_latents` reads either layout as one ``[N, 2, C, h, w]`` tensor
+(docs/architecture.md, "Text-embedding sidecars").
 
 Also here: the caption of a shard record (:func:`record_captions`) and caption encoding with a
 frozen text encoder (:func:`encode_captions`), shared by the embed stage and the trainer.
@@ -33,7 +39,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "EMBED_FORMAT",
+    "POSTERIOR",
     "embeds_manifest_path",
+    "posterior_latents",
+    "vae_embed_problem",
     "read_sidecar_header",
     "read_sidecar",
     "sidecar_bytes",
@@ -44,11 +53,56 @@ __all__ = [
 #: Version of the sidecar layout recorded in its metadata (``format``).
 EMBED_FORMAT = 1
 _MAX_HEADER = 100_000_000
+#: Metadata value ``posterior`` of a sidecar holding ``latents_mean`` and ``latents_std``.
+POSTERIOR = "mean+std"
 
 
 def embeds_manifest_path(params: Params) -> Path:
     """Local manifest of the embed stage: ``embeds.json`` next to ``data.manifest``."""
     return Path(params.data.manifest).parent / "embeds.json"
+
+
+def posterior_latents(tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The VAE posterior of a sidecar's rows as one ``float16 [N, 2, C, h, w]`` tensor (index 0 of
+    dim 1 = mean, 1 = std), or ``None`` when the sidecar has no latents.
+
+    A sidecar written before the posterior's std was stored has only ``latents`` (the mean): it is
+    read as a posterior with std 0, i.e. a deterministic latent, so old data still trains.
+    """
+    if "latents_mean" in tensors and "latents_std" in tensors:
+        mean, std = tensors["latents_mean"], tensors["latents_std"]
+        if mean.shape != std.shape:
+            raise ValueError(f"sidecar: latents_mean {tuple(mean.shape)} and latents_std {tuple(std.shape)} differ")
+    elif "latents" in tensors:
+        mean = tensors["latents"]
+        std = torch.zeros_like(mean)
+    else:
+        return None
+    return torch.stack([mean.to(torch.float16), std.to(torch.float16)], dim=1)
+
+
+def vae_embed_problem(params: Params) -> str | None:
+    """Why ``train.latent: vae`` cannot train on the embed stage's output, as one line naming the fix,
+    or ``None`` when ``embeds.json`` records VAE latents and channel stats of ``train.vae``."""
+    tp = params.train
+    path = embeds_manifest_path(params)
+    fix = f"run the embed stage with train.latent=vae train.vae={tp.vae} first (miroflow embed)"
+    if not path.is_file():
+        return f"train.latent: 'vae' trains on the embed stage's VAE latents, but {path} does not exist; {fix}"
+    try:
+        man = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return f"train.latent: 'vae' needs the embed manifest {path}, which is unreadable ({err}); {fix}"
+    if not isinstance(man, dict) or man.get("latent") != "vae" or not man.get("latent_stats_uri"):
+        return f"train.latent: 'vae', but {path} holds no VAE latents (embedded with train.latent=pixel); {fix}"
+    if man.get("encoder") != tp.text_encoder:
+        return (
+            f"train.text_encoder: {tp.text_encoder!r}, but the VAE latents of {path} were embedded with "
+            f"{man.get('encoder')!r}; {fix}"
+        )
+    if man.get("vae") != tp.vae:
+        return f"train.vae: {tp.vae!r}, but the latents of {path} were encoded with VAE {man.get('vae')!r}; {fix}"
+    return None
 
 
 def read_sidecar_header(uri: str, storage: Storage) -> dict[str, str] | None:

@@ -1,8 +1,9 @@
 """Training data: shards + score tables + bins (+ embedding sidecars), indexed and in memory.
 
 For the small domains (shapes, tiny imports) every image is decoded **once** at load time and held
-as ``uint8 [N, H, W, 3]`` (or, with VAE sidecars, raw latents ``float16 [N, C, h, w]``), together
-with per-sample conditioning:
+as ``uint8 [N, H, W, 3]`` (or, with VAE sidecars, the raw latent posterior ``float16 [N, 2, C, h, w]``:
+index 0 of dim 1 the mean, 1 the std; training samples ``mean + std·ε`` each step, see
+:func:`miroflow.data.sidecars.posterior_latents`), together with per-sample conditioning:
 
 * ``rewards [N, R]`` float32 — for each trained reward the bin-mapped value
   (:meth:`BinSet.transform_one`) of the score of the *original* caption; NaN = absent (no score,
@@ -21,9 +22,10 @@ Deterministic order (:class:`GlobalBatchOrder`): sample position ``p = step·B +
 on ``(seed, step, N, B)``; rank ``r`` of ``W`` takes ``[r·B/W, (r+1)·B/W)`` of every global batch,
 so the global sample order does not depend on the world size and resuming needs only the step.
 
-Streaming (large datasets) is not implemented here: use
-:func:`miroflow.data.shards.make_webdataset` with ``resampled=True`` and
-``nodesplitter=webdataset.split_by_node``; that path gives up exact resumption.
+Large datasets stream instead (``train.data: stream``, :mod:`miroflow.data.stream`): same rows per
+rank, bounded memory. It is our own equivalent of webdataset's ``split_by_node``/``split_by_worker``
+over the same shard list (docs/architecture.md, "Training data"), read with our hardened tar reader,
+because exact resume needs the sample position to be a function of the step.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -42,7 +44,7 @@ from tqdm.auto import tqdm
 from miroflow.conditioning import BinSet
 from miroflow.data.score_tables import SYNTHETIC_SUFFIX, finite_or_nan, load_score_table
 from miroflow.data.shards import decode_image, iter_shard, read_manifest
-from miroflow.data.sidecars import encode_captions, read_sidecar, record_captions
+from miroflow.data.sidecars import encode_captions, posterior_latents, read_sidecar, record_captions
 from miroflow.storage import Storage
 
 __all__ = [
@@ -51,6 +53,8 @@ __all__ = [
     "Batch",
     "TrainData",
     "GlobalBatchOrder",
+    "BatchSource",
+    "MemorySource",
     "step_seed",
     "rank_slice",
     "reward_columns",
@@ -123,16 +127,19 @@ class Batch:
     """One (micro-)batch of ``b`` samples.
 
     Attributes:
-        x: ``uint8 [b, H, W, 3]`` images (pixel) or raw ``float16 [b, C, h, w]`` latents (vae).
+        x: ``uint8 [b, H, W, 3]`` images (pixel) or the raw latent posterior ``float16 [b, 2, C, h, w]``
+            (vae: ``x[:, 0]`` mean, ``x[:, 1]`` std).
         captions: the caption actually used per sample.
         rewards: ``[b, R]`` float32 conditioning values (NaN = absent).
         text: precomputed embeddings of ``captions`` or None (learned encoder).
+        keys: the samples' keys (for audits; None when not tracked).
     """
 
     x: Tensor
     captions: list[str]
     rewards: Tensor
     text: TextArrays | None
+    keys: list[str] | None = None
 
 
 @dataclass
@@ -182,7 +189,41 @@ class TrainData:
                     torch.where(pick[:, None], syn.mask, text.mask),
                     torch.where(pick[:, None], syn.pooled, text.pooled),
                 )
-        return Batch(x=x, captions=caps, rewards=rew, text=text)
+        return Batch(x=x, captions=caps, rewards=rew, text=text, keys=[self.keys[i] for i in idx.tolist()])
+
+
+class BatchSource(Protocol):
+    """Where a training run's batches come from: :class:`MemorySource` or the streaming source
+    (:class:`miroflow.data.stream.StreamSource`); both give the same rows of a global step to a rank
+    whatever the world size."""
+
+    def __len__(self) -> int: ...
+
+    def batch(self, step: int, rows: slice, use_syn: Tensor | None = None) -> Batch:
+        """Rows ``rows`` of global step ``step``'s batch; ``use_syn [len(rows)]`` picks synthetic captions."""
+        ...
+
+    def close(self) -> None:
+        """Release loader threads or files."""
+        ...
+
+
+class MemorySource:
+    """Batches of an in-memory :class:`TrainData` in :class:`GlobalBatchOrder`."""
+
+    def __init__(self, data: TrainData, batch_size: int, seed: int) -> None:
+        self.data = data
+        self.order = GlobalBatchOrder(len(data), batch_size, seed)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def batch(self, step: int, rows: slice, use_syn: Tensor | None = None) -> Batch:
+        """Rows ``rows`` of global step ``step`` (see :class:`BatchSource`)."""
+        return self.data.batch(self.order.indices(step)[rows], use_syn)
+
+    def close(self) -> None:
+        """Nothing to release."""
 
 
 def reward_columns(df: Any, name: str, binset: BinSet, table_uri: str) -> tuple[np.ndarray, np.ndarray]:
@@ -218,21 +259,74 @@ def _load_scores(
     return out
 
 
+_SYN = ("syn_tokens", "syn_mask", "syn_pooled")
+_LATENTS = ("latents", "latents_mean", "latents_std")
+
+
 def _load_sidecar_text(
-    embeds_manifest: Path, spec: str, shards: list[dict[str, Any]], keys: list[str], storage: Storage
+    embeds_manifest: Path,
+    spec: str,
+    shards: list[dict[str, Any]],
+    keys: list[str],
+    storage: Storage,
+    syn_keys: frozenset[str] = frozenset(),
 ) -> tuple[TextArrays, TextArrays | None, Tensor | None, dict[str, Any]] | None:
-    """Text arrays (+ raw latents) from the embed stage's sidecars, or None if they do not match."""
+    """Text arrays (+ the raw latent posterior ``[N, 2, C, h, w]``, :func:`posterior_latents`) from the
+    embed stage's sidecars, or None if they do not match.
+
+    The embed stage writes ``syn_*`` only for shards with synthetic captions. When some shards have
+    them and others not, the rows of a shard without them repeat its original ``tokens``/``mask``/
+    ``pooled`` (its samples have no synthetic caption, so :meth:`TrainData.batch` never picks those
+    rows; the embed stage fills samples without one inside a shard the same way).
+
+    Args:
+        keys: the sample keys in training order (row ``i`` of the result is ``keys[i]``).
+        syn_keys: the keys whose record has a synthetic caption.
+
+    Raises:
+        ValueError: a sidecar lacks keys of ``keys``, lacks ``syn_*`` although its shard has samples
+            with a synthetic caption, or lacks tensors other shards' sidecars have (latents): a stale
+            sidecar; the message names the shard.
+    """
     if not embeds_manifest.is_file():
         return None
     man = json.loads(embeds_manifest.read_text())
     by_shard = {e["shard"]: e["uri"] for e in man.get("sidecars", [])}
     if man.get("encoder") != spec or any(s["uri"] not in by_shard for s in shards):
         return None
-    parts: dict[str, list[Tensor]] = {}
+    loaded: list[tuple[str, list[str], dict[str, Tensor]]] = []  # (shard uri, its keys, its tensors)
     side_keys: list[str] = []
     for s in shards:
         tensors, meta = read_sidecar(by_shard[s["uri"]], storage)
-        side_keys += json.loads(meta["keys"])
+        shard_keys = [str(k) for k in json.loads(meta["keys"])]
+        side_keys += shard_keys
+        post = posterior_latents(tensors)  # either sidecar layout -> "latents" [n, 2, C, h, w]
+        rows = {k: v for k, v in tensors.items() if k not in _LATENTS}
+        if post is not None:
+            rows["latents"] = post
+        loaded.append((s["uri"], shard_keys, rows))
+    any_syn = any(all(k in t for k in _SYN) for _, _, t in loaded)
+    for uri, shard_keys, tensors in loaded:
+        if all(k in tensors for k in _SYN):
+            continue
+        with_syn = [k for k in shard_keys if k in syn_keys]
+        if with_syn:
+            raise ValueError(
+                f"embedding sidecar of shard {uri} ({by_shard[uri]}) has no synthetic-caption embeddings, "
+                f"but {len(with_syn)} of its samples have a synthetic caption (e.g. {with_syn[0]!r}); "
+                "rerun the embed stage"
+            )
+        if any_syn:
+            tensors.update({f"syn_{k}": tensors[k] for k in ("tokens", "mask", "pooled")})
+    names = set().union(*(t.keys() for _, _, t in loaded)) if loaded else set()
+    for uri, _, tensors in loaded:
+        if set(tensors) != names:
+            raise ValueError(
+                f"embedding sidecar of shard {uri} ({by_shard[uri]}) lacks {sorted(names - set(tensors))} that "
+                "other shards' sidecars have; rerun the embed stage"
+            )
+    parts: dict[str, list[Tensor]] = {}
+    for _, _, tensors in loaded:
         for k, v in tensors.items():
             parts.setdefault(k, []).append(v)
     pos = {k: i for i, k in enumerate(side_keys)}
@@ -339,7 +433,8 @@ def load_train_data(
     )
     side = None
     if embeds_manifest is not None and text_spec is not None:
-        side = _load_sidecar_text(Path(embeds_manifest), text_spec, shards, keys, storage)
+        syn_keys = frozenset(k for k, c in zip(keys, syns) if c is not None)
+        side = _load_sidecar_text(Path(embeds_manifest), text_spec, shards, keys, storage, syn_keys)
     if side is not None:
         data.text, data.syn_text, data.latents = side[0], side[1], side[2]
     elif text_encoder is not None and not isinstance(text_encoder, torch.nn.Module):

@@ -13,6 +13,10 @@ Conditioning paths (no training code lives here):
   ``[B, pooled_dim]`` and are **added to the pooled text vector** before SD3's pooled projection
   (``Linear -> SiLU -> Linear``). The sum of that projection and the timestep embedding is the
   adaLN conditioning of every block, so rewards modulate every layer exactly like the timestep.
+  ``DenoiserConfig.reward_features`` picks the embedder's feature mode: :func:`create_denoiser`
+  builds ``"grid_interp"`` (smooth between the ``k / reward_grid`` values the model trains on); a
+  ``config.json`` without the key was written by the original ``"fourier"`` embedding and loads as
+  that, so old checkpoints sample exactly as before (docs/fidelity.md, "Reward embedding").
 * **Initialisation** follows DiT: xavier-uniform linears with zero bias, N(0, 0.02) timestep MLP,
   and *zero* adaLN modulation linears (every block's ``norm1`` / ``norm1_context`` and
   ``norm_out``) and output projection, so every block starts as the identity and the model
@@ -35,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from miroflow.models.reward_embedding import RewardEmbedder
+from miroflow.models.reward_embedding import RewardEmbedder, RewardFeatures
 
 __all__ = [
     "MODEL_SIZES",
@@ -95,6 +99,15 @@ class DenoiserConfig(BaseModel):
         default_factory=list, description="Conditioning rewards in column order; [] = baseline."
     )
     num_frequencies: int = Field(16, ge=1, description="Fourier frequencies per reward value.")
+    reward_features: RewardFeatures = Field(
+        "fourier",
+        description="Reward embedding mode: 'grid_interp' (what create_denoiser builds) interpolates the MLP "
+        "embeddings of the two neighbouring k/reward_grid values; 'fourier' feeds the value itself. A config "
+        "without this key predates it and is 'fourier'.",
+    )
+    reward_grid: int = Field(
+        63, ge=1, description="G of the k/G grid of conditioning values (score.num_bins - 1); grid_interp only."
+    )
     reward_hidden_dim: int | None = Field(
         None, ge=1, description="Hidden width of each reward MLP; null = transformer width."
     )
@@ -206,6 +219,8 @@ class MiroDenoiser(nn.Module):
             dim=c.pooled_dim,
             num_frequencies=c.num_frequencies,
             hidden_dim=c.reward_hidden_dim or c.width,
+            features=c.reward_features,
+            grid=c.reward_grid,
         )
 
     # ------------------------------------------------------------------ init
@@ -361,12 +376,16 @@ def create_denoiser(
     pooled_dim: int = 384,
     in_channels: int | None = None,
     sample_size: int | None = None,
+    reward_features: RewardFeatures = "grid_interp",
+    reward_grid: int = 63,
     **overrides: Any,
 ) -> MiroDenoiser:
-    """Build a denoiser from a :data:`MODEL_SIZES` preset.
+    """Build a new denoiser from a :data:`MODEL_SIZES` preset.
 
     ``in_channels`` / ``sample_size`` default to the preset's; ``overrides`` may set any other
-    :class:`DenoiserConfig` field (e.g. ``num_layers``). ``reward_names=[]`` = baseline.
+    :class:`DenoiserConfig` field (e.g. ``num_layers``). ``reward_names=[]`` = baseline. New models
+    get the ``"grid_interp"`` reward embedding on the ``k / reward_grid`` grid (``reward_grid`` =
+    ``score.num_bins - 1``); pass ``reward_features="fourier"`` for the original embedding.
     """
     if size not in MODEL_SIZES:
         raise ValueError(f"unknown model size {size!r}; valid: {', '.join(MODEL_SIZES)}")
@@ -376,6 +395,7 @@ def create_denoiser(
     if sample_size is not None:
         fields["sample_size"] = sample_size
     fields.update(overrides)
+    fields.update(reward_features=reward_features, reward_grid=reward_grid)
     config = DenoiserConfig(
         size=size, text_dim=text_dim, pooled_dim=pooled_dim, reward_names=list(reward_names or []), **fields
     )

@@ -1,16 +1,31 @@
 """Reward-vector embedding for MIRO conditioning.
 
-Each reward value ``s_r`` (roughly in ``[0, 1]``, the binned k/63 grid; NaN = absent) gets
+Each reward value ``s_r`` (in ``[0, 1]``, on the binned ``k/G`` grid with ``G = num_bins - 1``;
+NaN = absent) gets a per-reward vector ``e_r``. Two feature modes exist (``features``):
+
+``"fourier"`` (the original mode, kept so checkpoints written with it load and sample the same)::
 
     e_r = MLP_r(fourier(s_r)) + pos_r          if s_r is present
     e_r = null_r + pos_r                       if s_r is NaN (absent)
 
-where ``fourier(s) = [s, sin(2π f_k s), cos(2π f_k s)]_k`` uses ``num_frequencies`` fixed
-frequencies ``f_k`` log-spaced between 1 and ``max_frequency`` cycles per unit, ``MLP_r`` is
-the reward's own ``Linear -> SiLU -> Linear(dim)`` and ``pos_r`` / ``null_r`` are learned
-per-reward vectors. The pooled embedding :meth:`RewardEmbedder.forward` is the **mean** over
-rewards of ``e_r`` (so its scale does not depend on how many rewards a model is conditioned
-on); :meth:`RewardEmbedder.tokens` returns the per-reward ``e_r`` as tokens.
+``"grid_interp"`` (the default of new models): with ``u = clamp(s_r, 0, 1)·G``, ``k = floor(u)``,
+``k' = min(k + 1, G)`` and ``w = u - k``::
+
+    e_r = lerp(MLP_r(fourier(k / G)), MLP_r(fourier(k' / G)), w) + pos_r
+
+so the MLP is only ever evaluated on the grid the model trains on, a grid value gives exactly its
+grid embedding (``w = 0``; ``u`` within 1e-4 of an integer is snapped to it so float rounding of
+``k/G`` does not matter), and any target between two grid values gets an embedding on the segment
+between theirs. With the fourier mode an off-grid target is a point of feature space the model
+never saw (docs/fidelity.md, "Reward embedding").
+
+``fourier(s) = [s, sin(2π f_k s), cos(2π f_k s)]_k`` uses ``num_frequencies`` fixed frequencies
+``f_k`` log-spaced between 1 and ``max_frequency`` cycles per unit, ``MLP_r`` is the reward's own
+``Linear -> SiLU -> Linear(dim)`` and ``pos_r`` / ``null_r`` are learned per-reward vectors. Both
+modes have the same parameters (a checkpoint's weights fit either). The pooled embedding
+:meth:`RewardEmbedder.forward` is the **mean** over rewards of ``e_r`` (so its scale does not depend
+on how many rewards a model is conditioned on); :meth:`RewardEmbedder.tokens` returns the
+per-reward ``e_r`` as tokens.
 
 Initialisation (DiT "zero" style): the last layer of every MLP, the null embeddings and the
 position embeddings start at zero, so a freshly initialised MIRO model computes exactly the
@@ -24,11 +39,41 @@ with :func:`torch.where`, so neither the output nor any gradient ever contains N
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["RewardEmbedder"]
+__all__ = ["RewardEmbedder", "RewardFeatures", "REWARD_FEATURES", "grid_neighbours"]
+
+#: How a reward value becomes the MLP's input (see the module docstring).
+RewardFeatures = Literal["fourier", "grid_interp"]
+REWARD_FEATURES: tuple[str, ...] = get_args(RewardFeatures)
+
+#: ``u = s·G`` closer than this to an integer is that grid point (absorbs float rounding of ``k/G``).
+_SNAP = 1e-4
+
+
+def grid_neighbours(values: Tensor, grid: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The two grid neighbours of NaN-free ``values`` (any shape) on the ``k / grid`` grid.
+
+    Values are clamped to ``[0, 1]`` first. Returns ``(lo, hi, w)``, each shaped like ``values``:
+    ``lo = k / grid`` and ``hi = min(k + 1, grid) / grid`` (both in ``values.dtype``) with
+    ``k = floor(values·grid)``, and the weight ``w = values·grid - k`` in ``[0, 1)``, so that
+    ``values = lo + w·(hi - lo)``. A value within ``1e-4`` grid steps of a grid point is that grid
+    point (``w = 0``). ``w`` carries the gradient with respect to ``values`` (``grid`` inside
+    ``(0, 1)``, 0 where clamped); ``lo`` and ``hi`` carry none.
+    """
+    if grid < 1:
+        raise ValueError(f"grid must be >= 1, got {grid}")
+    u = values.clamp(0.0, 1.0) * grid
+    near = torch.round(u.detach())
+    u = torch.where((u.detach() - near).abs() < _SNAP, near + (u - u.detach()), u)
+    k = torch.floor(u.detach())
+    w = u - k
+    lo = (k.double() / grid).to(values.dtype)
+    hi = (torch.clamp(k + 1, max=grid).double() / grid).to(values.dtype)
+    return lo, hi, w
 
 
 class RewardEmbedder(nn.Module):
@@ -42,6 +87,9 @@ class RewardEmbedder(nn.Module):
         max_frequency: highest frequency in cycles per unit value (lowest is 1).
         hidden_dim: width of each reward's MLP hidden layer (default ``dim``).
         zero_init: zero-initialise the MLPs' last layers and the null/position embeddings.
+        features: ``"fourier"`` (the MLP sees the value itself) or ``"grid_interp"`` (the MLP
+            sees the two neighbouring grid values and its outputs are interpolated).
+        grid: ``G`` of the ``k/G`` grid (``num_bins - 1``); used by ``"grid_interp"`` only.
     """
 
     def __init__(
@@ -52,8 +100,14 @@ class RewardEmbedder(nn.Module):
         max_frequency: float = 64.0,
         hidden_dim: int | None = None,
         zero_init: bool = True,
+        features: RewardFeatures = "fourier",
+        grid: int = 63,
     ) -> None:
         super().__init__()
+        if features not in REWARD_FEATURES:
+            raise ValueError(f"features must be one of {REWARD_FEATURES}, got {features!r}")
+        if grid < 1:
+            raise ValueError(f"grid must be >= 1, got {grid}")
         if len(set(reward_names)) != len(reward_names):
             raise ValueError(f"reward_names contains duplicates: {reward_names}")
         if dim <= 0 or num_frequencies <= 0:
@@ -64,6 +118,8 @@ class RewardEmbedder(nn.Module):
         self.max_frequency = float(max_frequency)
         self.hidden_dim = hidden_dim or dim
         self.zero_init = zero_init
+        self.features: RewardFeatures = features
+        self.grid = int(grid)
         r = len(self.reward_names)
         feat = 2 * num_frequencies + 1
         # Fixed angular frequencies 2π·f, f log-spaced in [1, max_frequency]; [F].
@@ -120,6 +176,20 @@ class RewardEmbedder(nn.Module):
         angles = values.unsqueeze(-1) * self.freqs.to(values.dtype)  # [B, R, F]
         return torch.cat([values.unsqueeze(-1), torch.sin(angles), torch.cos(angles)], dim=-1)
 
+    def _mlp(self, values: Tensor) -> Tensor:
+        """Per-reward MLP of the Fourier features of NaN-free values: ``[B, R] -> [B, R, dim]``."""
+        feats = self.fourier_features(values)  # [B, R, 2F+1]
+        hidden = torch.einsum("brf,rfh->brh", feats, self.w1) + self.b1  # [B, R, H]
+        hidden = torch.nn.functional.silu(hidden)
+        return torch.einsum("brh,rhd->brd", hidden, self.w2) + self.b2  # [B, R, D]
+
+    def _grid_interp(self, values: Tensor) -> Tensor:
+        """``lerp(MLP(lo), MLP(hi), w)`` over the grid neighbours of NaN-free values: ``[B, R] -> [B, R, dim]``."""
+        lo, hi, w = grid_neighbours(values, self.grid)  # [B, R] each
+        both = self._mlp(torch.cat([lo, hi], dim=0))  # [2B, R, D]: one pass for both neighbours
+        at_lo, at_hi = both.split(values.shape[0], dim=0)
+        return torch.lerp(at_lo, at_hi, w.unsqueeze(-1).to(at_lo.dtype))  # exact at w = 0 (and w = 1)
+
     def tokens(self, values: Tensor) -> Tensor:
         """Per-reward embeddings: ``values[B, R]`` (NaN = absent) -> ``[B, R, dim]``.
 
@@ -133,10 +203,7 @@ class RewardEmbedder(nn.Module):
         values = values.to(dtype)
         absent = torch.isnan(values)  # [B, R]
         clean = torch.where(absent, torch.zeros_like(values), values)  # NaN-free before any math
-        feats = self.fourier_features(clean)  # [B, R, 2F+1]
-        hidden = torch.einsum("brf,rfh->brh", feats, self.w1) + self.b1  # [B, R, H]
-        hidden = torch.nn.functional.silu(hidden)
-        out = torch.einsum("brh,rhd->brd", hidden, self.w2) + self.b2  # [B, R, D]
+        out = self._grid_interp(clean) if self.features == "grid_interp" else self._mlp(clean)  # [B, R, D]
         out = torch.where(absent.unsqueeze(-1), self.null.unsqueeze(0).expand_as(out), out)
         return out + self.pos.unsqueeze(0)
 
@@ -152,4 +219,8 @@ class RewardEmbedder(nn.Module):
         return self.tokens(values).mean(dim=1)
 
     def extra_repr(self) -> str:
-        return f"rewards={self.reward_names}, dim={self.dim}, num_frequencies={self.num_frequencies}"
+        grid = f", grid={self.grid}" if self.features == "grid_interp" else ""
+        return (
+            f"rewards={self.reward_names}, dim={self.dim}, num_frequencies={self.num_frequencies}, "
+            f"features={self.features}{grid}"
+        )

@@ -125,6 +125,19 @@ class VAECodec:
         return z.float()
 
     @torch.no_grad()
+    def encode_posterior(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """``images[B, 3, H, W]`` in ``[0, 1]`` -> the diagonal-Gaussian posterior's un-normalised
+        ``(mean, std)``, each float32 ``[B, C, H/f, W/f]``.
+
+        The embed stage stores both (docs/architecture.md, "Text-embedding sidecars") and training
+        draws ``z = mean + std·ε`` per step, as ``latent_dist.sample()`` would.
+        """
+        _check_images(images)
+        x = (images.to(self.device, self.vae.dtype) * 2.0 - 1.0).contiguous()
+        dist = self.vae.encode(x).latent_dist
+        return dist.mean.float(), dist.std.float()
+
+    @torch.no_grad()
     def decode_raw(self, latents: Tensor) -> Tensor:
         """Un-normalised latents ``[B, C, h, w]`` -> images ``[B, 3, h·f, w·f]`` in ``[0, 1]``."""
         x = self.vae.decode(latents.to(self.device, self.vae.dtype)).sample

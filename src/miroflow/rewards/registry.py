@@ -8,6 +8,10 @@ checkpoint; :func:`weight_free_rewards`), which refuses ``weights``. ``uses_prom
 ``version`` are declared when they are the same for every instance (weight-free rewards and the
 shapes judge); a model reward's version names its checkpoint, so it is left ``None`` and read from
 the built reward. A built reward must agree with what its registration declares.
+``domains`` names the data domains (``data.domain``) a reward can score, ``None`` = every domain:
+``shapes_alignment`` parses shapes captions only (``domains=("shapes",)``), so preflight refuses it
+for ``data.domain=import`` (:func:`reward_domain_problem`), and :func:`weight_free_rewards` with a
+``domain`` lists the weight-free rewards valid there (docs/architecture.md, "Imported data").
 
 Every factory is called as ``factory(device=..., [weights=...], **options)`` and must accept
 ``device`` (weight-free rewards ignore it: they run on the CPU).
@@ -45,6 +49,7 @@ __all__ = [
     "available_rewards",
     "reward_spec",
     "weight_free_rewards",
+    "reward_domain_problem",
     "create_reward",
     "get_reward",
     "clear_reward_cache",
@@ -70,6 +75,7 @@ class RewardSpec:
         needs_weights: ``False`` for weight-free rewards (``weights`` is refused).
         uses_prompt: the instances' ``uses_prompt``, or ``None`` when only a built reward knows it.
         version: the instances' ``version``, or ``None`` when it depends on the options (checkpoint).
+        domains: the data domains (``data.domain`` values) the reward can score; ``None`` = every domain.
     """
 
     name: str
@@ -77,6 +83,7 @@ class RewardSpec:
     needs_weights: bool
     uses_prompt: bool | None = None
     version: str | None = None
+    domains: tuple[str, ...] | None = None
 
 
 _REGISTRY: dict[str, RewardSpec] = {}
@@ -85,20 +92,28 @@ _CACHE_LOCK = threading.Lock()
 
 
 def register_reward(
-    name: str, *, needs_weights: bool, uses_prompt: bool | None = None, version: str | None = None
+    name: str,
+    *,
+    needs_weights: bool,
+    uses_prompt: bool | None = None,
+    version: str | None = None,
+    domains: tuple[str, ...] | None = None,
 ) -> Callable[[_F], _F]:
     """Decorator registering a factory under ``name`` with its declarations (see the module docstring).
 
     Raises:
-        ValueError: ``name`` is already registered, or ``version`` is an empty string.
+        ValueError: ``name`` is already registered, ``version`` is an empty string, or ``domains`` is empty.
     """
     if version is not None and not version:
         raise ValueError(f"reward {name!r}: an empty version; declare None when it is not static")
+    if domains is not None and not domains:
+        raise ValueError(f"reward {name!r}: empty domains; declare None for a reward valid in every domain")
 
     def deco(factory: _F) -> _F:
         if name in _REGISTRY:
             raise ValueError(f"reward {name!r} registered twice")
-        _REGISTRY[name] = RewardSpec(name, factory, bool(needs_weights), uses_prompt, version)
+        doms = tuple(domains) if domains is not None else None
+        _REGISTRY[name] = RewardSpec(name, factory, bool(needs_weights), uses_prompt, version, doms)
         return factory
 
     return deco
@@ -125,9 +140,33 @@ def reward_spec(name: str, where: str = "") -> RewardSpec:
     return spec
 
 
-def weight_free_rewards() -> tuple[str, ...]:
-    """Names of the rewards registered with ``needs_weights=False``, in registration order."""
-    return tuple(n for n, s in _REGISTRY.items() if not s.needs_weights)
+def weight_free_rewards(domain: str | None = None) -> tuple[str, ...]:
+    """Names of the rewards registered with ``needs_weights=False``, in registration order.
+
+    Args:
+        domain: a ``data.domain`` value: keep only the rewards that can score it (``domains``); ``None``
+            = all of them. ``weight_free_rewards("import")`` is the import domain's default
+            ``score.rewards`` (``miroflow.config.IMPORT_DEFAULT_REWARDS`` is checked against it).
+    """
+    return tuple(
+        n
+        for n, s in _REGISTRY.items()
+        if not s.needs_weights and (domain is None or s.domains is None or domain in s.domains)
+    )
+
+
+def reward_domain_problem(field: str, name: str, domain: str) -> str | None:
+    """The preflight line refusing reward ``name`` (from params key ``field``) for ``data.domain=domain``.
+
+    Returns:
+        ``"<field>: '<name>' scores <domains> captions only; not valid for data.domain=<domain>"`` when
+        the reward declares ``domains`` without ``domain``; ``None`` when it is valid there or unknown
+        (unknown names are reported by the unknown-reward check).
+    """
+    spec = _REGISTRY.get(name)
+    if spec is None or spec.domains is None or domain in spec.domains:
+        return None
+    return f"{field}: {name!r} scores {'/'.join(spec.domains)} captions only; not valid for data.domain={domain}"
 
 
 def _options(spec: RewardSpec, kwargs: dict[str, Any]) -> dict[str, Any]:

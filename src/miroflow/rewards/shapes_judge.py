@@ -488,6 +488,7 @@ class ShapesAlignmentReward:
     needs_weights=False,
     uses_prompt=ShapesAlignmentReward.uses_prompt,
     version=ShapesAlignmentReward.version,
+    domains=("shapes",),  # parses shapes captions only: NaN on every other caption
 )
 def _make_shapes_alignment(
     device: str | torch.device | None = None, unparseable_score: float = float("nan")

@@ -61,6 +61,7 @@ def train(
             mlflow_run_id=tracker.run_id,
             model_version=version,
             manifest=str(path) if path is not None else None,
+            ema_decay=out.ema_decay,
         )
     write_result(result, path)
     return result

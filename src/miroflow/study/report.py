@@ -296,6 +296,17 @@ def _claims_md(study: Mapping[str, Any]) -> list[str]:
     return L
 
 
+def ema_md(study: Mapping[str, Any]) -> str:
+    """The EMA as it ran: the configured decay, its warm-up and the decay of the last update (a study
+    document without ``ema_warmup`` predates the record and gives the configured decay only)."""
+    decay, warmup, final = study["ema_decay"], study.get("ema_warmup"), study.get("ema_decay_final")
+    if warmup is None:
+        return f"EMA {decay}"
+    if not warmup:
+        return f"EMA decay {decay} from the first step"
+    return f"EMA decay min({decay}, (1+t)/(10+t)) ({fmt(final, 4)} at the last step)"
+
+
 def _setup_md(study: Mapping[str, Any]) -> list[str]:
     rewards, c, d = study["rewards"], study["compute"], study["data"]
     per_run = ", ".join(
@@ -314,8 +325,9 @@ def _setup_md(study: Mapping[str, Any]) -> list[str]:
         f"also has an accurate synthetic caption. Scored with {', '.join(rewards)} ({study['num_bins']} quantile "
         f"bins). Data hash `{d['data_hash']}`.",
         f"- Model: `{study['model']}` denoiser ({study['model_params']:,} parameters for full MIRO), text encoder "
-        f"`{study['text_encoder']}`, pixel space; {study['steps']} steps at batch {study['batch_size']}, lr "
-        f"{study['lr']}, EMA {study['ema_decay']}; reward dropout {study['reward_dropout']} per reward, "
+        f"`{study['text_encoder']}`, pixel space, reward embedding `{study.get('reward_features', 'fourier')}`; "
+        f"{study['steps']} steps at batch {study['batch_size']}, lr "
+        f"{study['lr']}, {ema_md(study)}; reward dropout {study['reward_dropout']} per reward, "
         f"{study['all_reward_dropout']} all rewards.",
         f"- Runs (equal steps, data, schedule): {runs}",
         f"- Evaluation: EMA weights, Euler {study['eval_steps']} steps, all targets 1, "

@@ -32,6 +32,7 @@ from miroflow.study.runner import (
     write_json,
 )
 from miroflow.tracking import tracked_run
+from miroflow.train_state import ema_decay_at
 from miroflow.util import json_safe
 
 __all__ = ["run_study"]
@@ -161,6 +162,9 @@ def _study_doc(
         "batch_size": tp.batch_size,
         "lr": tp.lr,
         "ema_decay": tp.ema_decay,
+        "ema_warmup": tp.ema_warmup,
+        "ema_decay_final": ema_decay_at(plan.steps, tp.ema_decay, tp.ema_warmup),
+        "reward_features": tp.reward_features,
         "reward_dropout": tp.reward_dropout,
         "all_reward_dropout": tp.all_reward_dropout,
         "runs": {
