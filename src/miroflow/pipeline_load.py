@@ -14,6 +14,7 @@ one-line error naming the file, never a page of state-dict keys.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -153,13 +154,36 @@ def _build_codec(spec: MiroSpec, d: Path, device: torch.device) -> PixelCodec | 
     return codec
 
 
+@contextmanager
+def _registered_model(uri: str, tracking_uri: str | None) -> Iterator[str]:
+    """Download ``models:/<name>/<version>`` or ``models:/<name>@<alias>`` into a temporary folder."""
+    import mlflow  # lazy: mlflow takes seconds to import; only registry URIs need it
+    from mlflow.exceptions import MlflowException  # lazy, as above
+
+    server = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not server:
+        raise ValueError(f"{uri}: a registry URI needs MLFLOW_TRACKING_URI (or tracking_uri=) naming the MLflow server")
+    with tempfile.TemporaryDirectory(prefix="miroflow-model-") as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp, tracking_uri=server)
+        except MlflowException as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise FileNotFoundError(f"{uri}: not found in the model registry at {server}: {first}") from None
+        yield local
+
+
 def load_pipeline(
     uri: str,
     storage: Storage | None = None,
     device: str | torch.device | None = None,
     prefer: Literal["ema", "denoiser"] = "ema",
+    tracking_uri: str | None = None,
 ) -> MiroPipeline:
-    """Load a pipeline directory or a checkpoint from any storage URI.
+    """Load a pipeline directory or a checkpoint from any storage URI, or a registered model version.
+
+    ``uri`` may be ``models:/<name>/<version>`` or ``models:/<name>@<alias>`` (e.g.
+    ``models:/miro-shapes@candidate``): the version's files are downloaded from the MLflow registry
+    at ``tracking_uri`` (default ``MLFLOW_TRACKING_URI``) and loaded like a checkpoint.
 
     Weights come from ``<uri>/<prefer>/`` when present, else from the other of ``ema/`` /
     ``denoiser/`` (a pipeline directory has only ``denoiser/``; a checkpoint has both and is
@@ -173,6 +197,9 @@ def load_pipeline(
     """
     from miroflow.pipeline import MiroPipeline  # lazy: miroflow.pipeline imports this module at its top
 
+    if uri.startswith("models:/"):
+        with _registered_model(uri, tracking_uri) as local:
+            return load_pipeline(local, storage, device, prefer)
     st = storage or Storage()
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if prefer == "ema":

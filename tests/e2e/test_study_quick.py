@@ -103,6 +103,8 @@ def test_quick_study_end_to_end_and_resume(tmp_path: Path) -> None:
     ):
         assert section in md
     assert "Quick size" in md and "cores" in md and "Budget:" in md
+    omega = f"{study['guidance_scale']:g}"
+    assert "| # | claim | guidance ω | reproduced |" in md and md.count(f"(ω = {omega}) —") == 5  # ω beside each claim
     figs = {p.name for p in (out / "figures").glob("*.png")}
     assert {"convergence.png", "best_of_n.png", "target_sweep.png", "guidance_sweep.png", "samples.png"} <= figs
     for name in figs:

@@ -9,7 +9,7 @@ from miroflow.evaluate import ensure_pipeline, run_evaluate
 from miroflow.pipeline import MiroPipeline
 from miroflow.preflight import preflight
 from miroflow.results import BestOfNResult, EvalSummary, SweepResult
-from miroflow.stages._common import DEFAULT, run_manifest_path, write_result
+from miroflow.stages._common import DEFAULT, run_manifest_path, train_run_id, write_result
 from miroflow.storage import Storage, from_config
 from miroflow.sweep import run_sweep
 from miroflow.tracking import Tracker, tracked_run
@@ -41,7 +41,7 @@ def evaluate(
         summary = run_evaluate(params, pipeline=pipeline, storage=storage, out_uri=out_uri, tracker=tracker)
         run_id = tracker.run_id
     else:
-        with tracked_run(params, f"eval-{params.train.run_name}", {"stage": "evaluate"}) as t:
+        with tracked_run(params, f"eval-{params.train.run_name}", {"stage": "evaluate"}, train_run_id(params)) as t:
             summary = run_evaluate(params, pipeline=pipeline, storage=storage, out_uri=out_uri, tracker=t)
             run_id = t.run_id
     result = EvalSummary.from_dict(summary).with_ids(run_id, str(path) if path is not None else None)
@@ -66,7 +66,7 @@ def tts(
         res = run_tts(params, pipeline=pipeline, storage=storage, tracker=tracker, out_uri=out_uri)
         run_id = tracker.run_id
     else:
-        with tracked_run(params, f"tts-{params.train.run_name}", {"stage": "tts"}) as t:
+        with tracked_run(params, f"tts-{params.train.run_name}", {"stage": "tts"}, train_run_id(params)) as t:
             res = run_tts(params, pipeline=pipeline, storage=storage, tracker=t, out_uri=out_uri)
             run_id = t.run_id
     result = BestOfNResult.from_dict(
@@ -91,7 +91,7 @@ def sweep(
     pipe, checkpoint = ensure_pipeline(params, st, pipeline)
     label = pipe.spec.run_name or params.train.run_name
     tags = {"stage": "sweep", "sweep.model": label, "sweep.checkpoint": str(checkpoint)}
-    with tracked_run(params, f"sweep-{label}", tags) as parent:
+    with tracked_run(params, f"sweep-{label}", tags, train_run_id(params)) as parent:
         doc = run_sweep(params, pipeline=pipe, storage=st, out_uri=out_uri, tracker=parent, checkpoint=checkpoint)
     result = SweepResult.from_dict({**doc, "manifest": str(path) if path is not None else None})
     write_result(result, path)

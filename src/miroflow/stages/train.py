@@ -16,6 +16,11 @@ from miroflow.train import run_train
 __all__ = ["train", "model_kind"]
 
 
+#: The registry alias a new version of each kind gets (``models:/<name>@candidate`` is the newest MIRO
+#: model, ``@baseline`` the newest baseline); ``@champion`` is only ever set by a person.
+REGISTRY_ALIASES = {"miro": "candidate", "baseline": "baseline"}
+
+
 def model_kind(params: Params) -> str:
     """``baseline`` (no reward conditioning) or ``miro``."""
     return "baseline" if params.train.rewards == [] else "miro"
@@ -32,7 +37,8 @@ def train(
     """Train (or resume) ``train.run_name`` (``miroflow train``), tracked in MLflow when ``tracking.enabled``.
 
     The final model is registered as ``tracking.register_model`` when set and training reached
-    ``train.steps``. The manifest (default ``<manifests>/train-<run name>.json``) is written on rank 0.
+    ``train.steps``: the version is tagged ``kind``/``run_name``/``steps`` and gets the alias
+    ``candidate`` (MIRO) or ``baseline`` (:data:`REGISTRY_ALIASES`). The manifest (default ``<manifests>/train-<run name>.json``) is written on rank 0.
     ``tracker`` logs into that run instead of opening one (e.g. a study's child run); ``storage``
     defaults to one built from ``params.storage``.
     """
@@ -50,7 +56,12 @@ def train(
         out = run_train(params, storage=storage, tracker=tracker, resume=resume, max_steps=max_steps)
         version = None
         if params.tracking.register_model and out.steps == params.train.steps:
-            version = tracker.register_model(out.checkpoint, params.tracking.register_model)
+            version = tracker.register_model(
+                out.checkpoint,
+                params.tracking.register_model,
+                alias=REGISTRY_ALIASES[kind],
+                tags={"kind": kind, "run_name": params.train.run_name, "steps": str(out.steps)},
+            )
         result = TrainResult(
             run_name=params.train.run_name,
             kind=kind,

@@ -285,12 +285,15 @@ def write_figures(
 
 # --------------------------------------------------------------------------- results.md
 def _claims_md(study: Mapping[str, Any]) -> list[str]:
-    L = ["## Claims\n", "| # | claim | reproduced |\n|---|---|---|"]
+    """The claims table and their evidence; every claim is judged on samples drawn at guidance
+    ω = ``study["guidance_scale"]`` (docs/fidelity.md), shown beside each one."""
+    omega = f"{study['guidance_scale']:g}"
+    L = ["## Claims\n", "| # | claim | guidance ω | reproduced |\n|---|---|---|---|"]
     for i, cl in enumerate(study["claims"], 1):
-        L.append(f"| {i} | {cl['claim']} | {'**yes**' if cl['reproduced'] else '**not reproduced**'} |")
+        L.append(f"| {i} | {cl['claim']} | {omega} | {'**yes**' if cl['reproduced'] else '**not reproduced**'} |")
     L.append("")
     for i, cl in enumerate(study["claims"], 1):
-        L.append(f"{i}. {cl['claim']} — {'reproduced' if cl['reproduced'] else 'not reproduced'}:")
+        L.append(f"{i}. {cl['claim']} (ω = {omega}) — {'reproduced' if cl['reproduced'] else 'not reproduced'}:")
         L.extend(f"   - {e}" for e in cl["evidence"])
     L.append("")
     return L

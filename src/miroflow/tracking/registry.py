@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from miroflow.storage import Storage, parse_uri
@@ -50,13 +51,16 @@ def register_model(
     name: str,
     tracking_uri: str | None = None,
     artifact_path: str = "final",
+    alias: str | None = None,
+    tags: Mapping[str, str] | None = None,
 ) -> str:
     """Register a model version for the end of training; returns the version (e.g. ``"1"``).
 
     ``artifact_path_or_uri`` is either a checkpoint directory (local path, ``file://`` or ``s3://``
     prefix: its ``*.safetensors`` and ``*.json`` files are copied into the run's artifacts under
     ``artifact_path``), a ``runs:/<id>/<path>`` URI, or the path of an artifact already in the run.
-    The registered model ``name`` is created if it does not exist.
+    The registered model ``name`` is created if it does not exist. ``tags`` are set on the new
+    version; ``alias`` (e.g. ``candidate``) is moved to it, so ``models:/<name>@<alias>`` names it.
     """
     from mlflow import MlflowClient  # lazy: mlflow takes seconds to import; untracked runs never need it
     from mlflow.exceptions import MlflowException  # lazy: mlflow takes seconds to import; untracked runs never need it
@@ -86,7 +90,9 @@ def register_model(
     except MlflowException as e:
         if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
             raise
-    mv = client.create_model_version(name, source=source, run_id=run_id)
+    mv = client.create_model_version(name, source=source, run_id=run_id, tags=dict(tags or {}))
     version = str(mv.version)
-    log.info("registered model %s version %s from %s", name, version, source)
+    if alias:
+        client.set_registered_model_alias(name, alias, version)
+    log.info("registered model %s version %s%s from %s", name, version, f" (@{alias})" if alias else "", source)
     return version

@@ -104,11 +104,14 @@ def child_run(
 
 
 @contextmanager
-def tracked_run(params: Params, run_name: str, tags: Mapping[str, str] | None = None) -> Iterator[Tracker]:
+def tracked_run(
+    params: Params, run_name: str, tags: Mapping[str, str] | None = None, parent_run_id: str | None = None
+) -> Iterator[Tracker]:
     """An MLflow run (:func:`start_run`) when ``tracking.enabled`` on the main process (``RANK`` 0),
-    else a :class:`NullTracker`: the one way every stage says "track this, or not"."""
+    else a :class:`NullTracker`: the one way every stage says "track this, or not". ``parent_run_id``
+    nests it under that run (an evaluation under its training run)."""
     if not params.tracking.enabled or int(os.environ.get("RANK", "0")) != 0:
         yield NullTracker()
         return
-    with start_run(params, run_name=run_name, tags=dict(tags or {})) as tracker:
+    with start_run(params, run_name=run_name, tags=dict(tags or {}), parent_run_id=parent_run_id) as tracker:
         yield tracker

@@ -101,7 +101,9 @@ class Tracker(Protocol):
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def set_tags(self, tags: Mapping[str, str]) -> None: ...
     def log_checkpoint(self, uri: str, step: int) -> None: ...
-    def register_model(self, checkpoint: str | Path, name: str) -> str | None: ...
+    def register_model(
+        self, checkpoint: str | Path, name: str, alias: str | None = None, tags: Mapping[str, str] | None = None
+    ) -> str | None: ...
     def child_run(
         self, run_name: str, params: Mapping[str, Any] | None = None, tags: Mapping[str, str] | None = None
     ) -> AbstractContextManager["Tracker"]: ...
@@ -136,7 +138,9 @@ class NullTracker:
     def log_checkpoint(self, uri: str, step: int) -> None:
         """Drop a checkpoint record."""
 
-    def register_model(self, checkpoint: str | Path, name: str) -> str | None:
+    def register_model(
+        self, checkpoint: str | Path, name: str, alias: str | None = None, tags: Mapping[str, str] | None = None
+    ) -> str | None:
         """Nothing is registered: ``None``."""
         return None
 
@@ -273,9 +277,12 @@ class MlflowTracker:
         else:
             raise FileNotFoundError(f"artifact to log does not exist: {p}")
 
-    def register_model(self, checkpoint: str | Path, name: str) -> str:
-        """Log ``checkpoint`` (the ``final/`` dir) into this run and register it; returns the version."""
-        return register_model(self.run_id, checkpoint, name, tracking_uri=self.tracking_uri)
+    def register_model(
+        self, checkpoint: str | Path, name: str, alias: str | None = None, tags: Mapping[str, str] | None = None
+    ) -> str:
+        """Log ``checkpoint`` (the ``final/`` dir) into this run and register it (tagged, ``alias`` moved to
+        the new version); returns the version."""
+        return register_model(self.run_id, checkpoint, name, tracking_uri=self.tracking_uri, alias=alias, tags=tags)
 
     @contextmanager
     def child_run(
