@@ -42,3 +42,24 @@ def tiny_random_pipeline(rewards: list[str], run_name: str, step: int, perturb: 
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def checkpoint_weights(ckpt: str) -> dict[str, torch.Tensor]:
+    """The EMA and raw denoiser tensors of a local checkpoint folder, keyed ``<part>/<name>``."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    return {
+        f"{part}/{k}": v
+        for part in ("ema", "denoiser")
+        for k, v in load_file(str(Path(ckpt) / part / "model.safetensors")).items()
+    }
+
+
+def assert_same_weights(a_ckpt: str, b_ckpt: str) -> None:
+    """Both checkpoints hold bit-identical EMA and raw weights (names the first differing tensors)."""
+    a, b = checkpoint_weights(a_ckpt), checkpoint_weights(b_ckpt)
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different[:5]

@@ -21,8 +21,6 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from miroflow import stages
 from miroflow.checkpoint import list_checkpoints, run_uri, verify_checkpoint
@@ -33,6 +31,7 @@ from miroflow.prepare import run_prepare
 from miroflow.score import run_score
 from miroflow.storage import TMP_MARKER, Storage, StorageError
 from tests.faults.conftest import message_lines, tiny_train_params, write_params
+from tests.tiny_models import assert_same_weights
 
 # ------------------------------------------------------------------ the two full disks
 
@@ -104,20 +103,6 @@ def used_bytes(path: Path) -> int:
 # ------------------------------------------------------------------ helpers
 
 
-def _weights(ckpt: str) -> dict[str, torch.Tensor]:
-    return {
-        f"{part}/{k}": v
-        for part in ("ema", "denoiser")
-        for k, v in load_file(str(Path(ckpt) / part / "model.safetensors")).items()
-    }
-
-
-def _assert_same_weights(a_ckpt: str, b_ckpt: str) -> None:
-    a, b = _weights(a_ckpt), _weights(b_ckpt)
-    assert a.keys() == b.keys()
-    assert not [k for k in a if not torch.equal(a[k], b[k])]
-
-
 def _no_temp_files(root: Path) -> None:
     assert not [p for p in root.rglob("*") if TMP_MARKER in p.name]
 
@@ -186,7 +171,7 @@ def test_disk_full_mid_checkpoint_then_rerun_is_bit_identical(scored_root: Path,
     full.free()
     out = stages.train(p, resume=True, storage=full)
     assert out.steps == 10
-    _assert_same_weights(out.checkpoint, ref.checkpoint)
+    assert_same_weights(out.checkpoint, ref.checkpoint)
 
 
 def test_disk_full_mid_score_then_rerun_scores_every_sample_once(tmp_path: Path) -> None:
@@ -245,7 +230,7 @@ def test_tmpfs_full_mid_checkpoint_then_rerun_completes(scored_root: Path, tmp_p
         assert rerun.returncode == 0, rerun.stderr[-3000:]
         done = list_checkpoints(run, Storage())
         assert done[-1][0] == 10
-        _assert_same_weights(done[-1][1], ref.checkpoint)
+        assert_same_weights(done[-1][1], ref.checkpoint)
 
 
 def test_tmpfs_full_mid_score_then_rerun_scores_every_sample_once(tmp_path: Path) -> None:

@@ -17,23 +17,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from miroflow.checkpoint import list_checkpoints, run_uri
 from miroflow.config import Params
 from miroflow.storage import Storage
 from miroflow.train import run_train
 from tests.faults.conftest import tiny_train_params, write_params
+from tests.tiny_models import checkpoint_weights
 
 STEPS = 60
 KILLS = 5
-
-
-def _weights(ckpt: str) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for part in ("ema", "denoiser"):
-        out |= {f"{part}/{k}": v for k, v in load_file(str(Path(ckpt) / part / "model.safetensors")).items()}
-    return out
 
 
 def _past(done: list[tuple[int, str]], step: int) -> bool:
@@ -85,7 +78,7 @@ def test_five_kills_at_random_steps_then_resume_is_bit_identical(scored_root: Pa
     assert progress == sorted(progress) and len(set(progress)) >= KILLS - 1, f"seed {seed}: {progress}"
 
     reference = run_train(Params.model_validate(tiny_train_params(scored_root, "uninterrupted", steps=STEPS)))
-    a, b = _weights(done[-1][1]), _weights(reference.checkpoint)
+    a, b = checkpoint_weights(done[-1][1]), checkpoint_weights(reference.checkpoint)
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f"seed {seed} (kills after {thresholds}, resumed from {resumed_from}): {different[:5]}"

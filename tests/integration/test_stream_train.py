@@ -11,8 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from miroflow.checkpoint import list_checkpoints, run_uri
 from miroflow.config import Params, apply_overrides
@@ -20,6 +18,7 @@ from miroflow.prepare import run_prepare
 from miroflow.score import run_bin, run_score
 from miroflow.storage import Storage
 from miroflow.train import data_mode, run_train
+from tests.tiny_models import assert_same_weights
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 VENV_BIN = Path(sys.executable).parent
@@ -81,19 +80,6 @@ def _keys(path: Path) -> dict[int, list[str]]:
     return {s: [k for name in sorted(by) for k in by[name]] for s, by in sorted(out.items())}
 
 
-def _weights(ckpt: str) -> dict[str, torch.Tensor]:
-    return {
-        f"{part}/{k}": v
-        for part in ("ema", "denoiser")
-        for k, v in load_file(str(Path(ckpt) / part / "model.safetensors")).items()
-    }
-
-
-def _same(a: str, b: str) -> None:
-    wa, wb = _weights(a), _weights(b)
-    assert wa.keys() == wb.keys() and not [k for k in wa if not torch.equal(wa[k], wb[k])]
-
-
 def test_auto_streams_above_the_threshold(data: list[str], tmp_path: Path) -> None:
     p = apply_overrides(Params(), _ov(data, "auto", tmp_path, "train.data=auto", f"train.stream_above={N - 1}"))
     assert data_mode(p) == "stream"
@@ -110,7 +96,7 @@ def test_stream_resume_gives_the_uninterrupted_keys_and_weights(data: list[str],
     assert cut_keys == ref_keys and len(ref_keys) == 30
     epoch = [k for s in range(20) for k in ref_keys[s]]
     assert sorted(epoch) == [f"train-{i:08d}" for i in range(N)]  # one epoch: every sample once
-    _same(out.checkpoint, ref.checkpoint)
+    assert_same_weights(out.checkpoint, ref.checkpoint)
 
 
 def test_resume_with_other_stream_settings_is_refused(data: list[str], tmp_path: Path) -> None:
@@ -179,4 +165,4 @@ def test_sigkill_mid_epoch_then_resume_is_exact(data: list[str], tmp_path: Path)
     out = run_train(p, resume=True)
     ref = run_train(apply_overrides(Params(), _ov(data, "unkilled", tmp_path)))
     assert _keys(tmp_path / "killed.keys.jsonl") == _keys(tmp_path / "unkilled.keys.jsonl")
-    _same(out.checkpoint, ref.checkpoint)
+    assert_same_weights(out.checkpoint, ref.checkpoint)

@@ -29,7 +29,14 @@ from miroflow.data.score_tables import load_score_table
 from miroflow.data.shards import decode_image, iter_shard
 from miroflow.data.sidecars import encode_captions, read_sidecar, record_captions
 from miroflow.data.stream_plan import StreamPlan, Window
-from miroflow.data.train_data import Batch, TextArrays, TrainData, reward_columns
+from miroflow.data.train_data import (
+    Batch,
+    TextArrays,
+    TrainData,
+    check_reward_inputs,
+    score_manifest_tables,
+    table_rows,
+)
 from miroflow.errors import InputError
 from miroflow.storage import Storage
 
@@ -151,20 +158,11 @@ class ShardLoader:
         resolution: int,
     ) -> ShardLoader:
         """Index the score tables and matching sidecars of the run's manifests (metadata only)."""
+        check_reward_inputs(reward_names, binset, score_manifest, "stream")
         tables: dict[str, str] = {}
         if reward_names:
-            if binset is None or score_manifest is None:
-                raise ValueError("stream: rewards need a binset and a score manifest")
-            unknown = [n for n in reward_names if n not in binset.rewards]
-            if unknown:
-                raise KeyError(f"train.rewards: {unknown} not in the bins (bins have: {binset.names})")
-            try:
-                man = json.loads(Path(score_manifest).read_text(encoding="utf-8"))
-            except FileNotFoundError:
-                raise FileNotFoundError(
-                    f"score manifest {score_manifest} does not exist (run the score stage first)"
-                ) from None
-            tables = {str(t["shard"]): str(t["uri"]) for t in man.get("tables", [])}
+            assert score_manifest is not None
+            tables = {str(t["shard"]): str(t["uri"]) for t in score_manifest_tables(score_manifest)}
         sidecars: dict[str, str] = {}
         if embeds_manifest is not None and text_spec is not None and Path(embeds_manifest).is_file():
             em = json.loads(Path(embeds_manifest).read_text(encoding="utf-8"))
@@ -181,12 +179,8 @@ class ShardLoader:
         if table is None:
             log.warning("shard %s has no score table; its rewards are absent (NaN)", shard_uri)
             return {}
-        df = load_score_table(table, self.storage)
         assert self.binset is not None
-        cols = [reward_columns(df, n, self.binset, table) for n in self.reward_names]
-        orig = np.stack([c[0] for c in cols], axis=1)
-        syn = np.stack([c[1] for c in cols], axis=1)
-        return {str(k): (orig[i], syn[i]) for i, k in enumerate(df["key"].tolist())}
+        return table_rows(load_score_table(table, self.storage), self.reward_names, self.binset, table)
 
     def load(self, shard_uri: str, expected: int) -> TrainData:
         """Every sample of ``shard_uri`` in shard order; exactly ``expected`` (the manifest's ``n``).

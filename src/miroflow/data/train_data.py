@@ -58,6 +58,9 @@ __all__ = [
     "step_seed",
     "rank_slice",
     "reward_columns",
+    "check_reward_inputs",
+    "score_manifest_tables",
+    "table_rows",
     "load_train_data",
 ]
 
@@ -240,23 +243,49 @@ def reward_columns(df: Any, name: str, binset: BinSet, table_uri: str) -> tuple[
     return orig, syn
 
 
-def _load_scores(
-    score_manifest: str | Path, reward_names: list[str], binset: BinSet, storage: Storage
-) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """``shard uri -> {key -> (orig [R], syn [R])}`` conditioning rows from every score table."""
+def check_reward_inputs(reward_names: list[str], binset: BinSet | None, score_manifest: object, who: str) -> None:
+    """Rewards need bins holding every one of them and a score manifest (``who`` names the caller).
+
+    Raises:
+        ValueError: no bins or no score manifest. KeyError: a reward missing from the bins (names both).
+    """
+    if not reward_names:
+        return
+    if binset is None or score_manifest is None:
+        raise ValueError(f"{who}: rewards need a binset and a score manifest")
+    unknown = [n for n in reward_names if n not in binset.rewards]
+    if unknown:
+        raise KeyError(f"train.rewards: {unknown} not in the bins (bins have: {binset.names})")
+
+
+def score_manifest_tables(score_manifest: str | Path) -> list[dict[str, Any]]:
+    """The ``tables`` entries (``{"shard", "uri", ...}``) of a local score manifest."""
     p = Path(score_manifest)
     try:
         manifest = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"score manifest {p} does not exist (run the score stage first)") from None
-    out: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
-    for t in manifest.get("tables", []):
-        df = load_score_table(t["uri"], storage)
-        cols = [reward_columns(df, n, binset, t["uri"]) for n in reward_names]
-        orig = np.stack([c[0] for c in cols], axis=1) if cols else np.zeros((len(df), 0))
-        syn = np.stack([c[1] for c in cols], axis=1) if cols else np.zeros((len(df), 0))
-        out[t["shard"]] = {str(k): (orig[i], syn[i]) for i, k in enumerate(df["key"].tolist())}
-    return out
+    return list(manifest.get("tables", []))
+
+
+def table_rows(
+    df: Any, reward_names: list[str], binset: BinSet, table_uri: str
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``key -> (orig [R], syn [R])`` bin-mapped conditioning rows of one score table."""
+    cols = [reward_columns(df, n, binset, table_uri) for n in reward_names]
+    orig = np.stack([c[0] for c in cols], axis=1) if cols else np.zeros((len(df), 0))
+    syn = np.stack([c[1] for c in cols], axis=1) if cols else np.zeros((len(df), 0))
+    return {str(k): (orig[i], syn[i]) for i, k in enumerate(df["key"].tolist())}
+
+
+def _load_scores(
+    score_manifest: str | Path, reward_names: list[str], binset: BinSet, storage: Storage
+) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """``shard uri -> {key -> (orig [R], syn [R])}`` conditioning rows from every score table."""
+    return {
+        t["shard"]: table_rows(load_score_table(t["uri"], storage), reward_names, binset, t["uri"])
+        for t in score_manifest_tables(score_manifest)
+    }
 
 
 _SYN = ("syn_tokens", "syn_mask", "syn_pooled")
@@ -366,12 +395,7 @@ def load_train_data(
     Raises:
         KeyError: a reward of ``reward_names`` is not in the bins (names it and the valid ones).
     """
-    if reward_names:
-        if binset is None or score_manifest is None:
-            raise ValueError("load_train_data: rewards need a binset and a score manifest")
-        unknown = [n for n in reward_names if n not in binset.rewards]
-        if unknown:
-            raise KeyError(f"train.rewards: {unknown} not in the bins (bins have: {binset.names})")
+    check_reward_inputs(reward_names, binset, score_manifest, "load_train_data")
     shards = read_manifest(shard_manifest)["shards"]
     scores = (
         _load_scores(score_manifest, reward_names, binset, storage)  # type: ignore[arg-type]
