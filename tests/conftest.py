@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -169,7 +171,14 @@ def mlflow_server_info(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mlf
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log_file = open(log_path, "wb")  # noqa: SIM115 - closed in the finaliser
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
+    # no job runner: MLflow 3.17 forks it (and its huey consumers) even on SQLite, and SIGTERM to the
+    # server leaves them behind; the server also runs in its own session, killed as a group at the end
+    env = {
+        **os.environ,
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "1",
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    }
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.Popen(
         [
@@ -190,12 +199,15 @@ def mlflow_server_info(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mlf
         stderr=subprocess.STDOUT,
         env=env,
         cwd=root,
+        start_new_session=True,
     )
     try:
         wait_for_http(f"{url}/health", timeout_s=120, proc=proc)
         yield MlflowServerInfo(url, db_path, artifacts, log_path)
     finally:
         stop_process(proc, timeout_s=20)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)  # anything the server forked
         log_file.close()
 
 

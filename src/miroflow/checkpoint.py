@@ -40,6 +40,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from miroflow.config import Params
+from miroflow.content_keys import addressed
 from miroflow.errors import InputError
 from miroflow.models.denoiser import CONFIG_NAME, MODEL_SIZES, WEIGHTS_NAME, DenoiserConfig, MiroDenoiser
 from miroflow.models.text import LearnedTokenEncoder
@@ -96,8 +97,10 @@ class CheckpointError(IntegrityError):
 
 
 def run_uri(params: Params) -> str:
-    """``<storage.root>/runs/<train.run_name>``."""
-    return join_uri(params.storage.root, "runs", params.train.run_name)
+    """``<storage.root>/runs/<train.run_name>-<hash>``: content-addressed by every param the weights
+    depend on (:func:`miroflow.content_keys.stage_hash` of ``train``), so other params never
+    overwrite a run an older manifest names, and the same params resume the same folder."""
+    return join_uri(params.storage.root, "runs", addressed(params.train.run_name, params, "train"))
 
 
 def checkpoint_uri(run: str, step: int) -> str:

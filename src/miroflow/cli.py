@@ -183,7 +183,7 @@ def evaluate(
     params_file: ParamsFile = Path("params.yaml"),
     overrides: SetOpt = None,
     out: Annotated[
-        str | None, typer.Option("--out", help="Output URI (default <storage.root>/<eval.output>/<run>).")
+        str | None, typer.Option("--out", help="Output URI (default <storage.root>/<eval.output>/<run>-<hash>).")
     ] = None,
 ) -> None:
     """Stage evaluate: generate on a prompt set in GenEval's layout, judge + score, summary.json."""
@@ -244,10 +244,13 @@ def demo(
     params_file: ParamsFile = Path("params.yaml"),
     overrides: SetOpt = None,
     steps: Annotated[int, typer.Option("--steps", help="Training steps per demo model.")] = 600,
+    manifests: Annotated[
+        str, typer.Option("--manifests", help="Folder of the demo's local manifests (not DVC's manifests/).")
+    ] = stages.DEMO_MANIFESTS,
 ) -> None:
     """Run every stage on the embedded defaults (shapes): data, scores, bins, a tiny baseline and a
     tiny MIRO model, their evaluation and a small sweep. Prints where each output went."""
-    stages.demo(_load(params_file, overrides), steps=steps, echo=typer.echo)
+    stages.demo(_load(params_file, overrides), steps=steps, echo=typer.echo, manifests=manifests)
     typer.echo("[demo] browse runs: mlflow ui --backend-store-uri sqlite:///work/mlflow.db")
 
 

@@ -139,7 +139,7 @@ class TrainConfig(_Section):
     run_name: str = Field(
         "miro",
         pattern=r"^[A-Za-z0-9_.-]+$",
-        description="Name of the run; checkpoints go under <storage.root>/runs/<run_name>.",
+        description="Name of the run; checkpoints go under <storage.root>/runs/<run_name>-<hash> (hash of the params the weights depend on).",
     )
     model: str = Field("tiny", description="Denoiser size from the model registry (tiny, small, paper).")
     text_encoder: str = Field(

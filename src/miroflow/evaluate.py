@@ -41,8 +41,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from miroflow.checkpoint import latest_checkpoint
+from miroflow.checkpoint import latest_checkpoint, run_uri
 from miroflow.config import Params, ScoreConfig
+from miroflow.content_keys import addressed
 from miroflow.pipeline import MiroPipeline, load_pipeline
 from miroflow.prompts import PromptItem, load_prompt_set
 from miroflow.results import eval_metrics
@@ -194,7 +195,7 @@ def judge_images(images: np.ndarray, prompts: Sequence[str]) -> list[dict[str, A
 
 # --------------------------------------------------------------------------- helpers
 def resolve_checkpoint(params: Params, storage: Storage) -> str:
-    """``eval.checkpoint``, else ``<root>/runs/<train.run_name>/final``, else its newest complete checkpoint
+    """``eval.checkpoint``, else ``<root>/runs/<train.run_name>-<hash>/final``, else its newest complete checkpoint
     whose files match their hash record (damaged newer ones are skipped with a warning).
 
     Raises:
@@ -202,7 +203,7 @@ def resolve_checkpoint(params: Params, storage: Storage) -> str:
     """
     if params.eval.checkpoint:
         return params.eval.checkpoint
-    run = join_uri(params.storage.root, "runs", params.train.run_name)
+    run = run_uri(params)
     final = join_uri(run, "final")
     if storage.exists(join_uri(final, "miro.json")):
         return final
@@ -261,7 +262,7 @@ def run_evaluate(
         params: the whole config (``eval``, ``score`` for reward weights, ``storage``, ``train.run_name``).
         pipeline: a loaded pipeline; ``None`` loads :func:`resolve_checkpoint` (EMA weights).
         storage: defaults to one built from ``params.storage``.
-        out_uri: output prefix; default ``<storage.root>/<eval.output>/<run name>``.
+        out_uri: output prefix; default ``<storage.root>/<eval.output>/<run name>-<hash>`` (content-addressed, docs/reproducibility.md).
         tracker: optional; receives ``eval/<category>``, ``eval/overall``, ``eval/reward/<name>``,
             ``summary.json`` (as ``eval/summary.json``), a sample grid and a few tags.
 
@@ -282,7 +283,7 @@ def run_evaluate(
     pipeline, checkpoint = ensure_pipeline(params, st, pipeline)
     spec = pipeline.spec
     run_label = spec.run_name or "model"
-    out = out_uri or join_uri(params.storage.root, ev.output, run_label)
+    out = out_uri or join_uri(params.storage.root, ev.output, addressed(run_label, params, "evaluate"))
     items: list[PromptItem] = load_prompt_set(ev.prompt_set, ev.num_prompts, storage=st)
     reward_names = list(ev.rewards if ev.rewards is not None else params.score.rewards)
     judged = params.data.domain == "shapes"  # the shapes judge parses shapes captions only

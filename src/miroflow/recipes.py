@@ -15,13 +15,23 @@ build their runs here:
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from miroflow.config import Params, ParamsError, format_validation_error
 
-__all__ = ["derive", "baseline_of", "miro_of", "specialist_of", "synthetic_of", "pipeline_runs", "sized"]
+__all__ = [
+    "derive",
+    "baseline_of",
+    "miro_of",
+    "specialist_of",
+    "synthetic_of",
+    "pipeline_runs",
+    "sized",
+    "with_manifests",
+]
 
 
 def derive(p: Params, **sections: Mapping[str, Any]) -> Params:
@@ -69,6 +79,18 @@ def specialist_of(p: Params, reward: str, run_name: str | None = None) -> Params
 def synthetic_of(p: Params, prob: float, run_name: str | None = None) -> Params:
     """MIRO on a mix of captions: a synthetic one with probability ``prob`` (default name ``<run_name>-syn<pct>``)."""
     return derive(p, train={"run_name": _name(p, run_name, f"syn{round(100 * prob)}"), "synthetic_caption_prob": prob})
+
+
+def with_manifests(p: Params, folder: str | Path) -> Params:
+    """``p`` with its local manifests (``data.manifest``, ``score.manifest``, ``score.bins`` and the
+    per-run ones next to them) in ``folder``, so a demo or a flow run never overwrites the files
+    ``dvc repro`` tracks in ``manifests/``."""
+    f = Path(folder)
+    return derive(
+        p,
+        data={"manifest": str(f / "shards.json")},
+        score={"manifest": str(f / "scores.json"), "bins": str(f / "bins.json")},
+    )
 
 
 def sized(p: Params, steps: int, evals: int = 3) -> Params:

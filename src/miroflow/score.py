@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from miroflow.conditioning import BinFitError, BinSet, fit_bins, save_bins
 from miroflow.config import Params
+from miroflow.content_keys import stage_hash
 from miroflow.data.hashing import data_hash
 from miroflow.data.score_tables import (
     SYNTHETIC_SUFFIX,
@@ -75,16 +76,20 @@ def _parent_name(shard_uri: str) -> str:
 
 
 def score_table_uri(params: Params, shard_uri: str) -> str:
-    """``<storage.root>/scores/<dataset>/<shard-stem>.parquet``.
+    """``<storage.root>/scores/<dataset>/<score-hash>/<shard-stem>.parquet``.
 
     ``<dataset>`` is the shard's parent folder name (``prepare`` puts shards under
     ``<root>/shards/<data-hash>/``, so this is the data hash), or ``data_hash(params.data)`` for a
-    shard at the top of a bucket or filesystem.
+    shard at the top of a bucket or filesystem. ``<score-hash>`` is
+    :func:`miroflow.content_keys.stage_hash` of ``score`` (the reward set among its inputs), so
+    scoring with other rewards never overwrites a table an older manifest names.
     """
     dataset = _parent_name(shard_uri)
     if not dataset or dataset in (".", ".."):
         dataset = data_hash(params.data)
-    return join_uri(params.storage.root, "scores", dataset, f"{shard_stem(shard_uri)}.parquet")
+    return join_uri(
+        params.storage.root, "scores", dataset, stage_hash(params, "score"), f"{shard_stem(shard_uri)}.parquet"
+    )
 
 
 def run_score(params: Params, storage: Storage | None = None, shard_uris: list[str] | None = None) -> dict[str, Any]:

@@ -15,7 +15,7 @@ same seeds at every point (so columns of an image grid differ only by the swept 
 run gets ``eval/<category>``, ``eval/overall``, ``eval/reward/<name>`` (best-of-N children also
 ``tts/denoiser_evals_per_image``), its params (``sweep.kind``, the swept value) and tags.
 
-Outputs under ``<root>/<sweep.output>/<run name>/``::
+Outputs under ``<root>/<sweep.output>/<run name>-<hash>/``::
 
     sweep.json                 every point's metrics + setup (also an artifact of the parent run)
     points/<kind>-<value>/     each point's evaluate output (results.jsonl, summary.json, images)
@@ -38,6 +38,7 @@ from PIL import Image
 
 from miroflow import plots
 from miroflow.config import Params
+from miroflow.content_keys import addressed
 from miroflow.evaluate import resolve_checkpoint, run_evaluate
 from miroflow.pipeline import MiroPipeline, load_pipeline
 from miroflow.prompts import load_prompt_set
@@ -149,7 +150,7 @@ def run_sweep(
             the fixed ω/targets of the other grids; ``tracking``; ``storage``).
         pipeline: a loaded pipeline; ``None`` loads :func:`miroflow.evaluate.resolve_checkpoint`.
         storage: defaults to one built from ``params.storage``.
-        out_uri: output prefix; default ``<root>/<sweep.output>/<run name>``.
+        out_uri: output prefix; default ``<root>/<sweep.output>/<run name>-<hash>``.
         tracker: the parent run (one child run per point); default records nothing.
         checkpoint: the URI ``pipeline`` was loaded from (recorded; default ``eval.checkpoint``).
 
@@ -171,7 +172,7 @@ def run_sweep(
         checkpoint = checkpoint or ev.checkpoint
     pipeline.set_progress_bar_config(disable=True)
     run_label = pipeline.spec.run_name or params.train.run_name
-    out = out_uri or join_uri(params.storage.root, sw.output, run_label)
+    out = out_uri or join_uri(params.storage.root, sw.output, addressed(run_label, params, "sweep"))
     points, notes = plan_points(params, pipeline.reward_names)
     prompts_shown = [it.prompt for it in load_prompt_set(ev.prompt_set, ev.num_prompts, storage=st)[:GRID_PROMPTS]]
     for note in notes:

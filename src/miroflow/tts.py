@@ -18,7 +18,7 @@ Compute accounting (per selected image, i.e. per prompt):
 * ``reward_calls_per_image = N × R`` — reward calls made here to report all R rewards of every
   candidate (evaluation cost, not part of the method's cost).
 
-Outputs of :func:`run_tts` (under ``out_uri``, default ``<root>/<sweep.output>/<run name>/tts``)::
+Outputs of :func:`run_tts` (under ``out_uri``, default ``<root>/<sweep.output>/<run name>-<hash>/tts``)::
 
     tts.json          the best_of_n dict + setup (checkpoint, prompt set, steps, ω, seed, model)
     tts.csv           one row per N: compute columns, every reward's mean, accuracy, overall
@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from miroflow.config import Params
+from miroflow.content_keys import addressed
 from miroflow.evaluate import ensure_pipeline, generate, judge_images, sample_seed, score_images
 from miroflow.prompts import PromptItem, load_prompt_set
 from miroflow.storage import Storage, join_uri
@@ -190,7 +191,7 @@ def tts_with_images(
     pipeline, checkpoint = ensure_pipeline(params, st, pipeline)
     spec = pipeline.spec
     run_label = spec.run_name or params.train.run_name
-    out = out_uri or join_uri(params.storage.root, sw.output, run_label, "tts")
+    out = out_uri or join_uri(params.storage.root, sw.output, addressed(run_label, params, "sweep"), "tts")
     items = load_prompt_set(ev.prompt_set, ev.num_prompts, storage=st)
     log.info("tts: %d prompts x %d candidates, select by %s -> %s", len(items), n_max, sw.select_by, out)
     cands = generate_candidates(
@@ -303,7 +304,7 @@ def run_tts(
         storage: defaults to one built from ``params.storage``.
         tracker: optional; gets ``tts/reward/<name>``, ``tts/accuracy``, ``tts/overall``,
             ``tts/denoiser_evals_per_image`` at ``step = N``, ``tts/tts.json`` and the figures.
-        out_uri: output prefix; default ``<root>/<sweep.output>/<run name>/tts``.
+        out_uri: output prefix; default ``<root>/<sweep.output>/<run name>-<hash>/tts``.
 
     Returns:
         The JSON-safe :func:`best_of_n` dict (no images) plus ``checkpoint``, ``prompt_set``,

@@ -8,6 +8,7 @@ per-reward curves, the checkpoint URI and a registered model version.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -75,7 +76,7 @@ def test_stages_through_cli_with_mlflow(project: Path, mlflow_server: str) -> No
     out = json.loads((project / "manifests" / "train-e2e-miro.json").read_text())
     assert TrainResult.from_dict(out).steps == 6  # the manifest is the stage's typed result
     assert out["steps"] == 6 and out["model_version"] == "1" and out["kind"] == "miro"
-    assert out["checkpoint"].endswith("runs/e2e-miro/final")
+    assert re.search(r"/runs/e2e-miro-[0-9a-f]{10}/final$", out["checkpoint"]), out["checkpoint"]
 
     client = MlflowClient(mlflow_server)
     run = client.get_run(out["mlflow_run_id"])

@@ -37,9 +37,11 @@ from typer.testing import CliRunner, Result
 
 from miroflow.cli import app
 from miroflow.conditioning import load_bins
+from miroflow.config import Params, apply_overrides
 from miroflow.data.score_tables import failures_uri, load_score_table, table_bytes, table_hash_record, table_hash_uri
 from miroflow.data.shards import decode_image, iter_shard, write_manifest
 from miroflow.data.train_data import load_train_data
+from miroflow.score import score_table_uri
 from miroflow.storage import Storage, sha256_bytes
 
 #: The rewards every score/bin/train case uses: weight-free, so no model weights are needed.
@@ -185,7 +187,9 @@ def _shard_path(tmp: Path) -> Path:
 
 
 def _table_path(tmp: Path) -> Path:
-    return tmp / "store" / "scores" / "ds" / "train-000000.parquet"
+    """Where the score stage writes the table of :func:`_shard_path` (content-addressed folder)."""
+    params = apply_overrides(Params(), [a for a in _settings(tmp) if a != "-S"])
+    return Path(score_table_uri(params, str(_shard_path(tmp))))
 
 
 def _write_shard(tmp: Path, data: bytes, n: int) -> str:

@@ -163,7 +163,7 @@ def test_disk_full_mid_checkpoint_then_rerun_is_bit_identical(scored_root: Path,
     p = Params.model_validate(_train_tree(tmp_path / "cut", scored_root, "cut"))
     with pytest.raises(StorageError) as info:
         stages.train(p, storage=full)
-    _assert_disk_full_error(info.value, tmp_path / "cut" / "store" / "runs" / "cut" / "checkpoints" / "step-00000010")
+    _assert_disk_full_error(info.value, Path(run_uri(p)) / "checkpoints" / "step-00000010")
     assert [s for s, _ in list_checkpoints(run_uri(p), Storage())] == [5]
     verify_checkpoint(list_checkpoints(run_uri(p), Storage())[0][1])  # the previous state, intact
     _no_temp_files(tmp_path / "cut")

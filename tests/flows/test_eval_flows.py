@@ -9,6 +9,7 @@ from uuid import UUID
 import pytest
 
 from miroflow.config import Params
+from miroflow.content_keys import addressed
 from miroflow.preflight import PreflightError
 from tests.tiny_models import tiny_random_pipeline
 
@@ -69,10 +70,11 @@ def test_evaluate_flow_writes_outputs_and_an_mlflow_run(
 
     uri = mlflow_server  # the session's real MLflow server (tests/conftest.py)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    state = evaluate(params=_params(tmp_path, checkpoint, tracking=True), return_state=True)
+    params = _params(tmp_path, checkpoint, tracking=True)
+    state = evaluate(params=params, return_state=True)
     assert state.is_completed(), state.message
     res = state.result()
-    out = tmp_path / "store" / "eval" / "flowmodel"
+    out = tmp_path / "store" / "eval" / addressed("flowmodel", params, "evaluate")
     assert res["output"] == str(out) and res["checkpoint"] == checkpoint and res["n_images"] == 6
     summary = json.loads((out / "summary.json").read_text())
     assert res["overall"] == summary["overall"]

@@ -12,7 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
+from miroflow.checkpoint import run_uri
 from miroflow.config import EvalConfig, Params, ScoreConfig, StorageConfig
+from miroflow.content_keys import addressed, stage_hash
 from miroflow.data.shapes import CATEGORIES
 from miroflow.evaluate import generate, run_evaluate, sample_seed, score_images
 from miroflow.models import LearnedTokenEncoder, MiroDenoiser, PixelCodec, create_denoiser
@@ -151,7 +153,7 @@ def test_shapes_evaluation_reports_per_category_accuracy(tmp_path: Path, pipe: M
     tracker = RecordingTracker()
     params = _params(tmp_path / "store", prompt_set="shapes", num_prompts=12, images_per_prompt=1, guidance_scale=0.5)
     summary = run_evaluate(params, pipeline=pipe, tracker=tracker)
-    out = tmp_path / "store" / "eval" / "tiny-run"  # default: <root>/<eval.output>/<run name>
+    out = tmp_path / "store" / "eval" / addressed("tiny-run", params, "evaluate")  # <root>/<eval.output>/<run>-<hash>
     saved = json.loads((out / "summary.json").read_text())
     assert set(saved["accuracy"]) == set(CATEGORIES)
     assert all(0.0 <= a <= 1.0 for a in saved["accuracy"].values())
@@ -206,17 +208,18 @@ def test_evaluate_loads_a_checkpoint_from_s3(s3_bucket: str, tmp_path: Path) -> 
         "denoiser": ema.config.model_dump(mode="json"),
     }
     (local / "miro.json").write_text(json.dumps(miro))
-    ckpt = f"{root}/runs/miro/checkpoints/step-00000020"
+    params = _params(root, prompt_set="shapes", num_prompts=2, images_per_prompt=1)
+    ckpt = f"{run_uri(params)}/checkpoints/step-00000020"
     for f in sorted(local.rglob("*")):
         if f.is_file():
             storage.write_bytes(f"{ckpt}/{f.relative_to(local).as_posix()}", f.read_bytes())
     # a newer but incomplete checkpoint (no miro.json) is ignored
-    storage.write_bytes(f"{root}/runs/miro/checkpoints/step-00000030/ema/config.json", b"{}")
+    storage.write_bytes(f"{run_uri(params)}/checkpoints/step-00000030/ema/config.json", b"{}")
 
-    params = _params(root, prompt_set="shapes", num_prompts=2, images_per_prompt=1)
     summary = run_evaluate(params, storage=storage)
     assert summary["checkpoint"] == ckpt and summary["model"]["step"] == 20
-    out = f"{root}/eval/miro"
+    out = summary["output"]
+    assert out == f"{root}/eval/miro-{stage_hash(params, 'evaluate')}"
     saved = json.loads(storage.read_bytes(f"{out}/summary.json"))
     assert saved["n_images"] == 2
     png = storage.read_bytes(f"{out}/00001/samples/0000.png")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from miroflow.config import Params
+from miroflow.content_keys import stage_hash
 from miroflow.data.hashing import data_hash
 from miroflow.data.score_tables import load_score_table
 from miroflow.prepare import run_prepare
@@ -47,14 +48,15 @@ def test_score_and_bin_on_s3(tmp_path: Path, s3_bucket: str, moto_server: str) -
     clear_reward_cache()
     manifest = run_score(p, storage)
 
-    prefix = f"s3://{s3_bucket}/store/scores/{data_hash(p.data)}"
+    folder = f"store/scores/{data_hash(p.data)}/{stage_hash(p, 'score')}"
+    prefix = f"s3://{s3_bucket}/{folder}"
     assert [t["uri"] for t in manifest["tables"]] == [f"{prefix}/train-{i:06d}.parquet" for i in range(3)]
     s3 = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1")
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="store/scores/")["Contents"])
     assert keys == sorted(
-        [f"store/scores/{data_hash(p.data)}/train-{i:06d}.parquet" for i in range(3)]
-        + [f"store/scores/{data_hash(p.data)}/train-{i:06d}.failures.jsonl" for i in range(3)]
-        + [f"store/scores/{data_hash(p.data)}/train-{i:06d}.parquet.sha256" for i in range(3)]
+        [f"{folder}/train-{i:06d}.parquet" for i in range(3)]
+        + [f"{folder}/train-{i:06d}.failures.jsonl" for i in range(3)]
+        + [f"{folder}/train-{i:06d}.parquet.sha256" for i in range(3)]
     )
     df = load_score_table(manifest["tables"][1]["uri"], storage)
     assert list(df["key"]) == [f"train-{i:08d}" for i in range(10, 20)]

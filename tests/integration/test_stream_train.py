@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -102,8 +103,13 @@ def test_stream_resume_gives_the_uninterrupted_keys_and_weights(data: list[str],
 def test_resume_with_other_stream_settings_is_refused(data: list[str], tmp_path: Path) -> None:
     p = apply_overrides(Params(), _ov(data, "changed", tmp_path))
     run_train(p, max_steps=5)
+    other = apply_overrides(p, ["train.stream_window=1"])
+    # the order settings are part of the run's content key: other settings never touch this run ...
+    assert run_uri(other) != run_uri(p)
+    # ... and a run folder holding a checkpoint of other settings is refused on resume, naming them
+    shutil.copytree(run_uri(p), run_uri(other))
     with pytest.raises(ValueError, match=r"train.stream_\*: .*window differ"):
-        run_train(apply_overrides(p, ["train.stream_window=1"]), resume=True)
+        run_train(other, resume=True)
 
 
 def _torchrun(ov: list[str], tmp: Path, max_steps: int, resume: bool) -> None:

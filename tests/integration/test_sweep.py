@@ -10,6 +10,7 @@ import pytest
 
 from miroflow import stages
 from miroflow.config import Params
+from miroflow.content_keys import addressed
 from miroflow.pipeline import MiroPipeline
 from miroflow.results import SweepResult
 from miroflow.sweep import plan_points, run_sweep
@@ -125,7 +126,7 @@ def test_sweep_logs_one_child_run_per_point_and_plots_on_the_parent(
         assert not [a for a in client.list_artifacts(r.info.run_id) if a.path.startswith("plots")]
     local = client.download_artifacts(parent_id, "plots/guidance.png", str(tmp_path / "dl"))
     assert Path(local).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    out = tmp_path / "store" / "sweeps" / "tiny-sweep"
+    out = tmp_path / "store" / "sweeps" / addressed("tiny-sweep", params, "sweep")
     assert doc["output"] == str(out)
     saved = json.loads((out / "sweep.json").read_text())
     # the output dir's sweep.json is the sweep's own record; the manifest adds only where it was written

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from miroflow.checkpoint import ArchitectureMismatch, latest_checkpoint, list_checkpoints, run_uri
+from miroflow.checkpoint import ArchitectureMismatch, latest_checkpoint, list_checkpoints, resume_latest, run_uri
 from miroflow.config import Params, apply_overrides
 from miroflow.models import count_params
 from miroflow.prepare import run_prepare
@@ -110,7 +110,11 @@ def test_loss_falls_and_metrics_are_logged(data_overrides: list[str]) -> None:
     assert out.steps == 60 and len(losses) == 60 and all(math.isfinite(v) for v in losses)
     first, last = float(np.mean(losses[:5])), float(np.mean(losses[-5:]))
     assert last < 0.8 * first, (first, last)
-    assert out.checkpoint.endswith("runs/falls/final") and Path(out.checkpoint, "miro.json").is_file()
+    assert (
+        out.checkpoint == f"{run_uri(params)}/final"
+        and "/runs/falls-" in out.checkpoint
+        and Path(out.checkpoint, "miro.json").is_file()
+    )
     step1 = dict(tracker.metrics)[1]
     assert {"loss", "lr", "grad_norm", "img_per_s", "train/ema_decay"} <= set(step1)
     # The EMA decay each step applied (train.ema_warmup: min(ema_decay, (1+t)/(10+t)), 0 at the first).
@@ -201,10 +205,12 @@ def test_torchrun_two_ranks_match_one_process(data_overrides: list[str], tmp_pat
 
 def test_resume_with_other_architecture_fails_naming_keys(data_overrides: list[str]) -> None:
     ov = train_overrides(data_overrides, "arch", "train.steps=2", "train.checkpoint_every=1")
-    run_train(apply_overrides(Params(), ov))
+    first = apply_overrides(Params(), ov)
+    run_train(first)
     other = apply_overrides(Params(), [*ov, "train.model=small", "train.rewards=[sharpness]"])
-    with pytest.raises(ArchitectureMismatch) as err:
-        run_train(other, resume=True)
+    assert run_uri(other) != run_uri(first)  # other params: another folder, the first run untouched
+    with pytest.raises(ArchitectureMismatch) as err:  # its checkpoint resumed with them: refused
+        resume_latest(run_uri(first), other, ["sharpness"])
     msg = str(err.value)
     assert (
         "num_layers (checkpoint 3, params 4)" in msg

@@ -23,6 +23,7 @@ from miroflow.checkpoint import (
     load_model,
     prune_checkpoints,
     resume_latest,
+    run_uri,
     save_checkpoint,
     verify_checkpoint,
 )
@@ -341,9 +342,9 @@ def test_evaluate_resolves_past_a_damaged_newest_checkpoint(tmp_path: Path) -> N
 
     storage = Storage()
     root = tmp_path / "store"
-    run = str(root / "runs" / "r")
+    params = _params(**{"storage.root": str(root), "train.run_name": "r"})
+    run = run_uri(params)
     for step in (10, 20):
         _save(run, step, storage)
     _flip_byte(Path(checkpoint_uri(run, 20)) / "ema" / "model.safetensors", 100)
-    params = _params(**{"storage.root": str(root), "train.run_name": "r"})
     assert resolve_checkpoint(params, storage) == checkpoint_uri(run, 10)

@@ -125,7 +125,9 @@ def test_old_checkpoint_loads_as_fourier_and_computes_what_the_old_code_did(tmp_
     with torch.no_grad():
         emb, v = model.reward_embedder(inputs["rewards"]), model(**inputs)
     torch.testing.assert_close(emb, ref["reward_embedding"], atol=1e-6, rtol=0)
-    torch.testing.assert_close(v, ref["velocity"], atol=1e-5, rtol=1e-6)
+    # the velocity goes through the whole transformer: another CPU's kernels (AVX2 vs AVX-512) sum in
+    # another order, ~1e-5 apart on |v| ~ 1; a wrong embedding mode is off by ~1e-1 (checked below)
+    torch.testing.assert_close(v, ref["velocity"], atol=5e-5, rtol=1e-5)
     # Bit for bit in one process: the old config and an explicit fourier config build the same function.
     explicit = MiroDenoiser(DenoiserConfig.model_validate({**raw, "reward_features": "fourier"})).eval()
     explicit.load_state_dict(model.state_dict())

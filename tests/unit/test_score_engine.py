@@ -23,6 +23,7 @@ from PIL import Image
 
 from miroflow.conditioning import load_bins
 from miroflow.config import Params
+from miroflow.content_keys import stage_hash
 from miroflow.data.hashing import data_hash
 from miroflow.data.score_tables import ScoreError, failures_uri, load_score_table, read_table_meta
 from miroflow.data.shards import decode_image, iter_shard, read_manifest
@@ -179,7 +180,9 @@ def test_engine_values_columns_metadata_and_decode_once(tmp_path: Path) -> None:
     storage = Storage()
     shard = man["shards"][0]
     out = score_table_uri(p, shard["uri"])
-    assert out == str(tmp_path / "store" / "scores" / data_hash(p.data) / "train-000000.parquet")
+    assert out == str(
+        tmp_path / "store" / "scores" / data_hash(p.data) / stage_hash(p, "score") / "train-000000.parquet"
+    )
 
     res = score_shard(
         shard["uri"], load_rewards(p.score), out, storage, batch_size=5, progress=False, expected_sha256=shard["sha256"]
@@ -263,7 +266,7 @@ def test_bad_samples_go_to_failures_and_never_crash(tmp_path: Path) -> None:
     )
     p = make_params(tmp_path, [BRIGHT, CAPLEN])
     out = score_table_uri(p, str(shard))
-    assert out == str(tmp_path / "store" / "scores" / "raw" / "odd-000000.parquet")
+    assert out == str(tmp_path / "store" / "scores" / "raw" / stage_hash(p, "score") / "odd-000000.parquet")
     res = score_shard(str(shard), load_rewards(p.score), out, Storage(), progress=False)
     df = load_score_table(out)
     assert list(df["key"]) == ["s-ok", "s-syn"]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from miroflow.config import Params
+from miroflow.content_keys import addressed
 from miroflow.evaluate import generate, sample_seed
 from miroflow.pipeline import MiroPipeline
 from miroflow.prompts import load_prompt_set
@@ -172,7 +173,7 @@ def test_selected_reward_never_decreases_with_n_on_fixed_seeds(pipe: MiroPipelin
 def test_run_tts_writes_json_and_csv(pipe: MiroPipeline, tmp_path: Path) -> None:
     params = _params(tmp_path / "store")
     res = run_tts(params, pipeline=pipe)
-    out = tmp_path / "store" / "sweeps" / "tiny-tts" / "tts"
+    out = tmp_path / "store" / "sweeps" / addressed("tiny-tts", params, "sweep") / "tts"
     saved = json.loads((out / "tts.json").read_text())
     assert saved == json.loads(json.dumps(res))
     assert saved["ns"] == [1, 2, 4, 8] and saved["n_max"] == 8 and saved["n_prompts"] == 6

@@ -21,7 +21,7 @@ from miroflow.preflight import PreflightError, check_params, preflight
 from miroflow.stages._common import DEFAULT, is_main_process, run_manifest_path
 from miroflow.stages.data import bin_scores, embed, prepare, score, score_one_shard, score_result, write_scores
 from miroflow.stages.evaluate import evaluate, sweep, tts
-from miroflow.stages.pipeline import DataResult, DemoResult, data_stages, demo
+from miroflow.stages.pipeline import DEMO_MANIFESTS, DataResult, DemoResult, data_stages, demo
 from miroflow.stages.train import model_kind, train
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "check_params",
     "data_stages",
     "demo",
+    "DEMO_MANIFESTS",
     "embed",
     "evaluate",
     "is_main_process",

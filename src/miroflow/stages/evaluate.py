@@ -30,7 +30,7 @@ def evaluate(
 
     Args:
         params: the whole config (``eval`` decides prompts, seeds, ω and targets).
-        out_uri: output prefix (default ``<root>/<eval.output>/<run name>``).
+        out_uri: output prefix (default ``<root>/<eval.output>/<run name>-<hash>``).
         manifest: per-run manifest path (default ``<manifests>/eval-<run name>.json``; ``None`` = none).
         pipeline: an already loaded model (default: ``eval.checkpoint`` or the run's latest checkpoint).
         tracker: log into this run instead of opening ``eval-<run name>`` (e.g. a study's child run).

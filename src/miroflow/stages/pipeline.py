@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from miroflow.config import Params
-from miroflow.recipes import derive, miro_of, pipeline_runs, sized
+from miroflow.recipes import derive, miro_of, pipeline_runs, sized, with_manifests
 from miroflow.results import (
     BinResult,
     EmbedResult,
@@ -27,7 +27,7 @@ from miroflow.stages.evaluate import evaluate, sweep
 from miroflow.stages.train import train
 from miroflow.storage import Storage
 
-__all__ = ["DataResult", "DemoResult", "data_stages", "demo"]
+__all__ = ["DEMO_MANIFESTS", "DataResult", "DemoResult", "data_stages", "demo"]
 
 Echo = Callable[[str], None]
 
@@ -88,9 +88,18 @@ def data_stages(params: Params, storage: Storage | None = None, echo: Echo = _qu
     return DataResult(prepare=pr, score=sc, bins=bi, embed=em)
 
 
-def demo(params: Params, steps: int = 600, echo: Echo = _quiet) -> DemoResult:
+#: Where the demo keeps its local manifests (not ``manifests/``, which ``dvc repro`` tracks).
+DEMO_MANIFESTS = "work/demo/manifests"
+
+
+def demo(params: Params, steps: int = 600, echo: Echo = _quiet, manifests: str | None = DEMO_MANIFESTS) -> DemoResult:
     """The demo: data stages, a tiny baseline and MIRO model (``steps`` each, resumable), their
-    evaluation, and a small sweep of the MIRO model (ω, the sweep target, best-of-N)."""
+    evaluation, and a small sweep of the MIRO model (ω, the sweep target, best-of-N).
+
+    Its manifests go to ``manifests`` (default :data:`DEMO_MANIFESTS`; ``None`` keeps the params'
+    own paths); object-store outputs share ``storage.root`` safely (content-addressed keys)."""
+    if manifests is not None:
+        params = with_manifests(params, manifests)
     data = data_stages(params, echo=echo)
     miro, base = pipeline_runs(sized(miro_of(params), steps), miro_name="demo-miro", baseline_name="demo-baseline")
     runs, evals = [], []
