@@ -22,8 +22,9 @@ from flows.pipeline import miro_pipeline  # noqa: E402
 from flows.score_dataset import score_dataset  # noqa: E402
 from flows.sweep import sweep, tts  # noqa: E402
 from flows.train import train_model  # noqa: E402
+from flows.tune import tune_targets  # noqa: E402
 
-FLOWS = (miro_pipeline, score_dataset, train_model, evaluate, sweep, tts)
+FLOWS = (miro_pipeline, score_dataset, train_model, evaluate, sweep, tts, tune_targets)
 
 
 def main() -> None:

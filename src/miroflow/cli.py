@@ -22,6 +22,8 @@ from miroflow import stages
 from miroflow.config import Params, ParamsError, load_params
 from miroflow.errors import MiroflowError, describe
 from miroflow.study import run_study
+from miroflow.tune_report import brief_lines
+from miroflow.tune_stage import tune_targets as run_tune_targets
 
 #: Most lines a params error prints on a stage command (``params validate`` prints them all).
 MAX_PROBLEM_LINES = 3
@@ -252,6 +254,23 @@ def demo(
     tiny MIRO model, their evaluation and a small sweep. Prints where each output went."""
     stages.demo(_load(params_file, overrides), steps=steps, echo=typer.echo, manifests=manifests)
     typer.echo("[demo] browse runs: mlflow ui --backend-store-uri sqlite:///work/mlflow.db")
+
+
+@app.command("tune-targets")
+def tune_targets(
+    params_file: ParamsFile = Path("params.yaml"),
+    overrides: SetOpt = None,
+    trials: Annotated[
+        int | None,
+        typer.Option("--trials", min=1, help="Trial budget of the study (tune.trials); a rerun adds the missing ones."),
+    ] = None,
+) -> None:
+    """Search the reward-target vector (and ω) for tune.objective with Optuna; re-evaluate the best and the
+    all-ones default on held-out prompts and seeds (docs/tune.md). MLflow parent + one child per trial."""
+    extra = [f"tune.trials={trials}"] if trials is not None else []
+    r = run_tune_targets(_load(params_file, [*(overrides or []), *extra]))
+    for line in brief_lines(r.to_dict()):
+        typer.echo(line)
 
 
 def main() -> None:  # pragma: no cover - console entry

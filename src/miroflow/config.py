@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from miroflow.errors import InputError
 
@@ -24,6 +24,7 @@ __all__ = [
     "SweepConfig",
     "StorageConfig",
     "TrackingConfig",
+    "TuneConfig",
     "Params",
     "ParamsError",
     "load_params",
@@ -285,6 +286,94 @@ class TrackingConfig(_Section):
     enabled: bool = Field(True, description="Log to MLflow at all.")
 
 
+class TuneConfig(_Section):
+    """``miroflow tune-targets``: an Optuna search of the reward-target vector (and ω) of a trained model
+    (docs/tune.md)."""
+
+    objective: str = Field(
+        "accuracy",
+        pattern=r"^(accuracy|mix|reward:[A-Za-z0-9_.-]+)$",
+        description="What the search maximises: 'accuracy' (the judge's eval/overall), 'reward:<name>' (one "
+        "scored reward's mean) or 'mix' (sum of tune.weights x component).",
+    )
+    weights: dict[str, float] = Field(
+        default_factory=dict,
+        validate_default=True,
+        description="objective=mix only: weight per component, 'accuracy' or a scored reward name (negative = penalise).",
+    )
+    rewards: list[str] | None = Field(
+        None,
+        description="Rewards whose targets are searched; null = every reward of the model (others as eval.reward_targets).",
+    )
+    target_range: tuple[float, float] = Field(
+        (0.0, 1.0), description="[low, high] of every searched target, inside [0, 1]."
+    )
+    guidance_range: tuple[float, float] | None = Field(
+        None,
+        description="[low, high] of ω = eval.guidance_scale to search as well; null = ω fixed at eval.guidance_scale.",
+    )
+    trials: int = Field(
+        20, ge=1, description="Trial budget of the study (completed trials): a rerun only runs the missing ones."
+    )
+    startup_trials: int = Field(
+        5, ge=0, description="Random trials before TPE models the results (the sampler's n_startup_trials)."
+    )
+    seed: int = Field(0, description="Seed of the TPE sampler.")
+    search_prompts: int = Field(24, ge=1, description="Trials evaluate the first N prompts of eval.prompt_set.")
+    heldout_prompts: int = Field(
+        48, ge=1, description="The best and the default vector are re-evaluated on the next N prompts (disjoint)."
+    )
+    search_seed: int | None = Field(None, description="Sampling seed of the trials; null = eval.seed.")
+    heldout_seed: int = Field(
+        1000, description="Sampling seed of the held-out re-evaluation (must differ from the search seed)."
+    )
+    images_per_prompt: int | None = Field(None, ge=1, description="Images per prompt; null = eval.images_per_prompt.")
+    confidence: float = Field(
+        0.95, gt=0, lt=1, description="Level of the held-out confidence intervals (t over prompts)."
+    )
+    enqueue_default: bool = Field(
+        True, description="Trial 0 of a new study is the default vector (searched targets 1, ω = eval.guidance_scale)."
+    )
+    storage: str | None = Field(
+        None,
+        description="Optuna storage URL; null = optuna.db next to a sqlite:/// MLflow database, else "
+        "sqlite:///<cwd>/work/optuna.db.",
+    )
+    study_name: str | None = Field(
+        None,
+        description="Optuna study name; null = <model run>-<objective>-<hash of the search setup> (reruns resume).",
+    )
+    output: str = Field("tune", description="Output prefix under storage.root.")
+
+    @field_validator("target_range")
+    @classmethod
+    def _target_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = v
+        if not (0.0 <= lo < hi <= 1.0):
+            raise ValueError(f"[{lo}, {hi}] must satisfy 0 <= low < high <= 1")
+        return v
+
+    @field_validator("guidance_range")
+    @classmethod
+    def _guidance_range(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not (0.0 <= v[0] < v[1]):
+            raise ValueError(f"[{v[0]}, {v[1]}] must satisfy 0 <= low < high")
+        return v
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: dict[str, float], info: ValidationInfo) -> dict[str, float]:
+        objective = info.data.get("objective")
+        bad = [k for k, w in v.items() if w != w or w in (float("inf"), float("-inf"))]
+        if bad:
+            raise ValueError(f"weight of {bad[0]!r} is not a finite number")
+        if objective == "mix" and not any(w != 0 for w in v.values()):
+            raise ValueError("needs at least one non-zero weight when tune.objective is 'mix'")
+        if objective not in (None, "mix") and v:
+            raise ValueError(f"only used with tune.objective 'mix' (it is {objective!r})")
+        return v
+
+
 class Params(_Section):
     """The whole params.yaml."""
 
@@ -295,6 +384,7 @@ class Params(_Section):
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    tune: TuneConfig = Field(default_factory=lambda: TuneConfig.model_validate({}))
 
     @model_validator(mode="before")
     @classmethod

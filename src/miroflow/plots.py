@@ -16,7 +16,9 @@ Figures:
 * :func:`convergence` — evaluation curves (judge accuracy, every reward) vs training step, one
   line per run (the study's convergence figure);
 * :func:`best_of_n_panels` — one best-of-N panel per reward (selected by itself) and judge
-  accuracy, MIRO vs baseline with MIRO's single sample as reference (the study's figure).
+  accuracy, MIRO vs baseline with MIRO's single sample as reference (the study's figure);
+* :func:`hacking_trajectories` — metrics ± SE along eval points or a sweep grid with the
+  reward-hacking monitor's flagged intervals shaded (:mod:`miroflow.hacking`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ __all__ = [
     "image_grid",
     "convergence",
     "best_of_n_panels",
+    "hacking_trajectories",
     "save_png",
     "figure_png",
     "figure_to_array",
@@ -412,3 +415,64 @@ def figure_to_array(fig: Figure) -> np.ndarray:
     canvas.draw()
     rgba = np.asarray(canvas.buffer_rgba())
     return np.ascontiguousarray(rgba[..., :3])
+
+
+# --------------------------------------------------------------------------- reward-hacking monitor
+def hacking_trajectories(panels: Sequence[Mapping[str, Any]], k: float = 2.0) -> Figure:
+    """Metric trajectories with the reward-hacking monitor's flagged intervals shaded (:mod:`miroflow.hacking`).
+
+    Args:
+        panels: one subplot each, ``{"title": str, "xlabel": str, "x": [K positions], "series":
+            {metric: [K means]}, "se": {metric: [K standard errors]}, "flagged": [(x_start, x_end,
+            label), ...]}``; every metric is drawn as mean ± SE (the judge's accuracy dashed), every
+            flagged interval as a red band with its label (e.g. ``"↑ sharpness\n↓ judge_accuracy"``).
+        k: the monitor's threshold in standard errors (shown in each title).
+
+    Raises:
+        ValueError: no panels, or a series (or its SE) whose length is not K.
+    """
+    if not panels:
+        raise ValueError("hacking_trajectories: no panels to draw")
+    fig = new_figure(5.5 * len(panels), 4.2)
+    axes = fig.subplots(1, len(panels), squeeze=False).ravel()
+    for ax, panel in zip(axes, panels):
+        xs = [float(x) for x in panel["x"]]
+        for n, (name, ys) in enumerate(panel["series"].items()):
+            err = panel.get("se", {}).get(name, [0.0] * len(xs))
+            if len(ys) != len(xs) or len(err) != len(xs):
+                raise ValueError(
+                    f"hacking_trajectories: {name!r} has {len(ys)} values / {len(err)} SEs for {len(xs)} x"
+                )
+            ax.errorbar(
+                xs,
+                [_finite(y) for y in ys],
+                yerr=[_finite(e) for e in err],
+                fmt="--o" if name in ("judge_accuracy", "overall", "accuracy") else "-o",
+                ms=3,
+                capsize=2,
+                color=_COLORS[n % len(_COLORS)],
+                label=name,
+            )
+        flagged = list(panel.get("flagged", []))
+        for i, (x0, x1, label) in enumerate(flagged):
+            ax.axvspan(float(x0), float(x1), color="#d62728", alpha=0.12 if i % 2 else 0.2, lw=0)
+            ax.text(
+                (float(x0) + float(x1)) / 2,
+                0.98 if i % 2 == 0 else 0.84,
+                label,
+                transform=ax.get_xaxis_transform(),
+                ha="center",
+                va="top",
+                fontsize=5,
+                color="#d62728",
+                clip_on=True,
+            )
+        verdict = f"{len(flagged)} flagged interval(s), red" if flagged else "no flags"
+        ax.set_title(f"{panel.get('title', '')}\n{verdict} (k = {k:g})", fontsize=9)
+        ax.set_xlabel(str(panel.get("xlabel", "")), fontsize=8)
+        ax.set_ylabel("mean ± SE", fontsize=8)
+        ax.grid(True, alpha=0.3)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6, loc="lower left")
+    fig.tight_layout()
+    return fig

@@ -125,7 +125,9 @@ class PrepareResult(Result):
 @dataclass(frozen=True)
 class ShardScore(Result):
     """One shard's score table: ``n`` rows, ``failures`` samples that could not be scored (listed at
-    ``failures_uri``); ``skipped`` when an up-to-date table already existed (``sha256`` is then ``None``)."""
+    ``failures_uri``); ``skipped`` when an up-to-date table already existed (``sha256`` is then ``None``);
+    ``reused`` the rewards copied from another reward set's table of the shard, ``scored`` the ones
+    computed by this call (:mod:`miroflow.score_reuse`)."""
 
     shard: str
     uri: str
@@ -134,6 +136,15 @@ class ShardScore(Result):
     failures_uri: str | None
     sha256: str | None
     skipped: bool
+    reused: tuple[str, ...] = ()
+    scored: tuple[str, ...] = ()
+
+    @classmethod
+    def _convert(cls, d: dict[str, Any]) -> dict[str, Any]:
+        for k in ("reused", "scored"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return d
 
 
 @dataclass(frozen=True)
@@ -316,3 +327,45 @@ class BestOfNResult(Result):
             float(overall) if isinstance(overall, (int, float)) else None,
             {r: float(m) if isinstance(m, (int, float)) else None for r, m in means.items()},
         )
+
+
+@dataclass(frozen=True)
+class TuneResult(Result):
+    """The reward-target search (``tune.json``, ``miroflow tune-targets``): the Optuna study it ran or resumed,
+    its best vector, and the held-out re-evaluation of the best and the default vector.
+
+    ``best`` / ``default``: ``{"trial", "value" (search objective), "reward_targets", "guidance_scale"}``;
+    ``heldout``: ``{"prompt_set", "n_prompts", "seed", "confidence", "best", "default", "difference"}`` where
+    each of the last three is ``{"mean", "low", "high", "n"}`` over held-out prompts (``difference`` = best -
+    default, paired on the same prompts and seeds); ``beats_default`` = the difference's interval lies above 0;
+    ``trials`` = every trial of the study (number, state, value, params, point, MLflow run id, metrics)."""
+
+    run_name: str
+    study_name: str
+    storage: str
+    objective: str
+    weights: dict[str, float]
+    output: str
+    checkpoint: str | None
+    parent_run_id: str | None
+    n_trials: int
+    new_trials: int
+    space: JsonDict
+    best: JsonDict
+    default: JsonDict
+    heldout: JsonDict
+    beats_default: bool
+    trials: tuple[JsonDict, ...]
+    plots: dict[str, str]
+    summary: str
+    notes: tuple[str, ...]
+    manifest: str | None = None
+
+    @classmethod
+    def _convert(cls, d: dict[str, Any]) -> dict[str, Any]:
+        d["trials"] = tuple(d["trials"])
+        d["notes"] = tuple(d["notes"])
+        return d
+
+
+__all__ += ["TuneResult"]

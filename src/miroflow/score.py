@@ -25,6 +25,7 @@ trainer picks ``r`` or ``r@synthetic`` per sample and maps both through the same
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from typing import Any
@@ -32,7 +33,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from miroflow.conditioning import BinFitError, BinSet, fit_bins, save_bins
+from miroflow.conditioning import BinFitError, BinSet, RewardBins, fit_bins, save_bins
 from miroflow.config import Params
 from miroflow.content_keys import stage_hash
 from miroflow.data.hashing import data_hash
@@ -50,6 +51,7 @@ from miroflow.data.score_tables import (
 from miroflow.data.shards import read_manifest
 from miroflow.rewards import load_rewards, reward_versions
 from miroflow.score_engine import score_shard, shard_stem
+from miroflow.score_reuse import record_reward_set, score_shard_incremental
 from miroflow.storage import Storage, from_config, join_uri, parse_uri
 
 __all__ = [
@@ -115,7 +117,7 @@ def run_score(params: Params, storage: Storage | None = None, shard_uris: list[s
     entries = []
     for s in tqdm(shards, desc="score shards", unit="shard"):
         entries.append(
-            score_shard(
+            score_shard_incremental(
                 s["uri"],
                 rewards,
                 score_table_uri(params, s["uri"]),
@@ -126,7 +128,10 @@ def run_score(params: Params, storage: Storage | None = None, shard_uris: list[s
         )
     done = sum(1 for e in entries if e["skipped"])
     log.info("scored %d shard(s), %d already up to date", len(entries) - done, done)
-    return write_score_manifest(params.score.manifest, reward_versions(rewards), entries)
+    versions = reward_versions(rewards)
+    for uri in {e["uri"] for e in entries}:
+        record_reward_set(storage, uri, versions)
+    return write_score_manifest(params.score.manifest, versions, entries)
 
 
 def run_bin(params: Params, storage: Storage | None = None) -> BinSet:
@@ -153,8 +158,10 @@ def run_bin(params: Params, storage: Storage | None = None) -> BinSet:
         )
     versions = {name: stored[name] for name in params.score.rewards}  # BinSet columns in params order
     pooled: dict[str, list[np.ndarray]] = {name: [] for name in versions}
+    sources: list[str] = []  # what each reward's values are a function of: the shard bytes
     for t in tqdm(manifest["tables"], desc="bin: read tables", unit="table"):
         df = load_score_table(t["uri"], storage)
+        sources.append(str(df.attrs["miroflow"].get("shard_sha256") or t["uri"]))
         if df.attrs["miroflow"].get("rewards") != versions:
             raise ScoreError(
                 f"score table {t['uri']} has rewards {df.attrs['miroflow'].get('rewards')}, "
@@ -167,12 +174,36 @@ def run_bin(params: Params, storage: Storage | None = None) -> BinSet:
                 if col in df.columns:
                     pooled[name].append(finite_or_nan(df, col, t["uri"]))
     values = {name: (np.concatenate(cols) if cols else np.zeros(0)) for name, cols in pooled.items()}
-    try:
-        binset = fit_bins(
-            values, num_bins=params.score.num_bins, max_samples=params.score.bin_max_samples, versions=versions
-        )
-    except BinFitError as err:  # e.g. a reward that is NaN (absent) in every table
-        raise BinFitError(f"score manifest {params.score.manifest}: {err}") from None
+    fitted: dict[str, RewardBins] = {}
+    reused: list[str] = []
+    for name, vals in values.items():
+        fp = hashlib.sha256(
+            json.dumps(
+                [name, versions[name], params.score.num_bins, params.score.bin_max_samples, sorted(sources)]
+            ).encode()
+        ).hexdigest()[:16]
+        cache = join_uri(params.storage.root, "bins", "reward", f"{name}-{fp}.json")
+        if storage.exists(cache):  # same reward version on the same shards: the same edges
+            fitted[name] = BinSet.from_json(json.loads(storage.read_bytes(cache))).rewards[name]
+            reused.append(name)
+            continue
+        try:
+            one = fit_bins(
+                {name: vals},
+                num_bins=params.score.num_bins,
+                max_samples=params.score.bin_max_samples,
+                versions={name: versions[name]},
+            )
+        except BinFitError as err:  # e.g. a reward that is NaN (absent) in every table
+            raise BinFitError(f"score manifest {params.score.manifest}: {err}") from None
+        storage.write_bytes(cache, (json.dumps(one.to_json(), allow_nan=False) + "\n").encode("utf-8"))
+        fitted[name] = one.rewards[name]
+    binset = BinSet(num_bins=params.score.num_bins, rewards=fitted)
+    log.info(
+        "bins: fitted %s; reused %s (unchanged inputs)",
+        [n for n in fitted if n not in reused] or "none",
+        reused or "none",
+    )
     save_bins(binset, params.score.bins)
     text = json.dumps(binset.to_json(), indent=2, allow_nan=False) + "\n"
     storage.write_bytes(join_uri(params.storage.root, "bins", f"bins-{binset.hash}.json"), text.encode("utf-8"))

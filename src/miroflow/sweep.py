@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from miroflow import plots
+from miroflow import hacking, plots
 from miroflow.config import Params
 from miroflow.content_keys import addressed
 from miroflow.evaluate import resolve_checkpoint, run_evaluate
@@ -205,6 +205,8 @@ def run_sweep(
                 "accuracy": summary["accuracy"],
                 "overall": summary["overall"],
                 "rewards": {k: v["mean"] for k, v in summary["rewards"].items()},
+                "reward_stats": summary["rewards"],  # {name: {mean, std, n}}: the hacking monitor's noise
+                "n_judged": summary["n_judged"],
                 "reward_targets_resolved": summary["reward_targets"],
             }
         )
@@ -263,6 +265,9 @@ def run_sweep(
 
     # ---- plots: to the sweep's output dir and as artifacts of the parent run
     figures = _figures(results, tts, grids, prompts_shown, run_label, sw.target_reward, sw.select_by)
+    hack_tags, hack_fig = _hacking(results, notes, run_label, sw.target_reward)
+    if hack_fig is not None:
+        figures["hacking.png"] = hack_fig
     for fname, fig in figures.items():
         uri = join_uri(out, "plots", fname)
         st.write_bytes(uri, plots.figure_png(fig))
@@ -285,9 +290,30 @@ def run_sweep(
     doc = json_safe(doc)
     st.write_bytes(join_uri(out, "sweep.json"), (json.dumps(doc, indent=2) + "\n").encode())
     parent.log_dict(doc, "sweep.json")
-    parent.set_tags({"sweep.output": out, "sweep.points": str(len(results))})
+    parent.set_tags({"sweep.output": out, "sweep.points": str(len(results)), **hack_tags})
     log.info("sweep: %d points -> %s", len(results), out)
     return doc
+
+
+def _hacking(
+    results: list[dict[str, Any]], notes: list[str], run_label: str, target_reward: str | None
+) -> tuple[dict[str, str], "Figure | None"]:
+    """The reward-hacking monitor over the ω and target grids (docs/hacking.md): each flag goes to the
+    point that ends its interval (``hacking_flags``) and to ``notes``; returns the parent's tags and the
+    plot (``None`` when no grid has two points). A sweep the monitor cannot read is noted, not failed."""
+    try:
+        by_grid = hacking.monitor_sweep(results, hacking.DEFAULT_K)
+    except hacking.HackingInputError as err:
+        log.warning("sweep: %s", err)
+        notes.append(f"hacking monitor skipped: {err}")
+        return {"hacking.error": str(err)}, None
+    flags = [f for grid in by_grid.values() for f in grid]
+    for pt in results:
+        if pt["kind"] in by_grid:
+            pt["hacking_flags"] = [f.to_dict() for f in by_grid[pt["kind"]] if f.end == pt["name"]]
+    notes.extend(f"hacking: {f.text()}" for f in flags)
+    xlabels = {"guidance": "guidance scale ω", "target": f"target {target_reward}"}
+    return hacking.flag_tags(flags), hacking.sweep_figure(results, by_grid, run_label, xlabels)
 
 
 def _series(points: list[dict[str, Any]]) -> dict[str, list[float | None]]:

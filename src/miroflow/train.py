@@ -31,6 +31,7 @@ from miroflow.data.stream import ShardLoader, StreamSource, scan_captions
 from miroflow.data.stream_plan import StreamPlan
 from miroflow.data.train_data import TrainData, load_train_data, step_seed
 from miroflow.flow import euler_sample
+from miroflow.hacking import TrainingMonitor
 from miroflow.models import create_codec, create_denoiser, create_text_encoder
 from miroflow.rewards import mean_normalized_scores
 from miroflow.storage import Storage, from_config, join_uri
@@ -313,8 +314,9 @@ def _sample_grid(
     return grid, images, prompts
 
 
-def log_samples(state: TrainState) -> None:
-    """Log the EMA sample grid (``samples``) and the weight-free ``reward/<name>`` means at ``state.step``."""
+def log_samples(state: TrainState) -> tuple[Tensor, list[str]]:
+    """Log the EMA sample grid (``samples``) and the weight-free ``reward/<name>`` means at ``state.step``;
+    returns the samples (``[P, 3, H, W]`` in [0, 1]) and their prompts (for the hacking monitor)."""
     state.ema.copy_to(state.ema_net.parameters())
     enc = state.ema_net.text if state.ema_net.text is not None else state.frozen
     grid, images, prompts = _sample_grid(
@@ -323,6 +325,7 @@ def log_samples(state: TrainState) -> None:
     state.tracker.log_image(grid, key="samples", step=state.step)
     names = list(dict.fromkeys(state.reward_names + list(state.params.score.rewards)))
     state.tracker.log_metrics(_reward_means(names, images, prompts, state.scorers), state.step)
+    return images, prompts
 
 
 # --------------------------------------------------------------------------- the loop
@@ -369,6 +372,8 @@ def run_train(
     losses: list[float] = []
     bar = tqdm(total=stop, initial=state.step, desc=f"train {tp.run_name}", unit="step", disable=not main)
     keys_log = _open_sample_log(tp.sample_log, state.dist.rank)
+    names = list(dict.fromkeys(state.reward_names + list(params.score.rewards)))
+    monitor = TrainingMonitor(tracker_, names, judged=params.data.domain == "shapes")  # docs/hacking.md
     while state.step < stop:
         ts0 = time.time()
         batch = make_batch(state)
@@ -383,11 +388,13 @@ def run_train(
             tracker_.log_metrics(metrics.log_metrics(img_per_s=tp.batch_size / max(1e-9, time.time() - ts0)), step)
             bar.set_postfix(loss=f"{metrics.loss:.4f}")
         if main and (step % tp.eval_every == 0 or step == tp.steps):
-            log_samples(state)
+            monitor.observe(step, *log_samples(state))
         if main and (step % tp.checkpoint_every == 0 or step == stop):
             save_train_checkpoint(state, checkpoint_uri(state.run, step))
             prune_checkpoints(state.run, tp.keep_last, state.storage, newest=step)
     bar.close()
+    if main:
+        monitor.finish()
     state.source.close()
     if keys_log is not None:
         keys_log.close()

@@ -32,6 +32,7 @@ N_SHARDS = 4
 SHARD_SIZE = 10
 PUTS_PER_SHARD = 3  # failures file, hash record, table
 PROBE_PUTS = 1  # preflight's write-and-delete probe of storage.root
+REGISTRY_PUTS = 1  # the dataset's reward-set registry, after the last shard
 
 
 def _params_file(tmp: Path, bucket: str, retries: int, backoff_s: float) -> Path:
@@ -114,7 +115,7 @@ def test_long_outage_fails_in_one_line_then_rerun_scores_only_the_rest(
     proxy.puts = 0
     rerun = _score(params_file, proxy.endpoint, tmp_path)
     assert rerun.returncode == 0, rerun.stderr
-    assert proxy.puts == PROBE_PUTS + PUTS_PER_SHARD * (N_SHARDS - 1)  # shard 0 was not scored again
+    assert proxy.puts == PROBE_PUTS + PUTS_PER_SHARD * (N_SHARDS - 1) + REGISTRY_PUTS  # shard 0 not scored again
     after = _objects(s3_bucket, moto_server)
     assert {k: after[k] for k in before if k.startswith(committed[0].removesuffix(".parquet"))} == {
         k: v for k, v in before.items() if k.startswith(committed[0].removesuffix(".parquet"))

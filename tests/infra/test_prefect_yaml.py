@@ -18,7 +18,7 @@ from tests.infra.infra_checks import DOCKERFILE, PREFECT_YAML, REPO
 
 POOLS = {"cpu", "gpu"}
 #: Flows that train or sample many images run on the gpu pool; the rest on cpu.
-GPU_DEPLOYMENTS = {"miro-pipeline", "train", "sweep", "tts"}
+GPU_DEPLOYMENTS = {"miro-pipeline", "train", "sweep", "tts", "tune-targets"}
 TOP_LEVEL_KEYS = {"name", "prefect-version", "build", "push", "pull", "definitions", "deployments"}
 
 

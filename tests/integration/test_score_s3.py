@@ -57,6 +57,7 @@ def test_score_and_bin_on_s3(tmp_path: Path, s3_bucket: str, moto_server: str) -
         [f"{folder}/train-{i:06d}.parquet" for i in range(3)]
         + [f"{folder}/train-{i:06d}.failures.jsonl" for i in range(3)]
         + [f"{folder}/train-{i:06d}.parquet.sha256" for i in range(3)]
+        + [f"store/scores/{data_hash(p.data)}/reward_sets.json"]  # the dataset's reward-set registry
     )
     df = load_score_table(manifest["tables"][1]["uri"], storage)
     assert list(df["key"]) == [f"train-{i:08d}" for i in range(10, 20)]

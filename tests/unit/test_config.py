@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_repo_params_yaml_is_valid_and_complete() -> None:
     params = load_params(REPO / "params.yaml")
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    assert set(raw) == {"data", "score", "train", "eval", "sweep", "storage", "tracking"}
+    assert set(raw) == {"data", "score", "train", "eval", "sweep", "storage", "tracking", "tune"}
     assert params.data.resolution == raw["data"]["resolution"]
 
 

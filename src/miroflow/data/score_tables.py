@@ -252,7 +252,9 @@ def write_score_manifest(path: str | Path, rewards: dict[str, str], entries: lis
         entries: one ``{"shard", "uri", "n", "failures"[, "failures_uri"]}`` per table (more keys ignored).
 
     Content: ``{"version": 1, "rewards": {name: version}, "tables": [{"shard", "uri", "n",
-    "failures", "failures_uri"}], "num_rows": int}`` (tables sorted by shard URI).
+    "failures", "failures_uri", "sha256", "rewards"}], "num_rows": int}`` (tables sorted by shard
+    URI; per table the sha256 of its bytes — None for a table resumed without a hash record — and
+    the reward versions it holds).
     """
     tables = sorted(
         (
@@ -262,6 +264,8 @@ def write_score_manifest(path: str | Path, rewards: dict[str, str], entries: lis
                 "n": int(e["n"]),
                 "failures": int(e["failures"]),
                 "failures_uri": e.get("failures_uri") or failures_uri(e["uri"]),
+                "sha256": e.get("sha256"),
+                "rewards": dict(e.get("rewards") or rewards),
             }
             for e in entries
         ),

@@ -12,7 +12,7 @@ from miroflow.prepare import run_prepare
 from miroflow.results import BinResult, EmbedResult, PrepareResult, ScoreResult, ShardRef, ShardScore
 from miroflow.rewards import load_rewards
 from miroflow.score import run_bin, run_score
-from miroflow.score_engine import score_shard
+from miroflow.score_reuse import record_reward_set, score_shard_incremental
 from miroflow.storage import Storage, from_config
 
 __all__ = ["prepare", "score", "score_one_shard", "write_scores", "bin_scores", "embed"]
@@ -60,7 +60,7 @@ def score_one_shard(
 ) -> ShardScore:
     """Score one shard into its table (skipped when already up to date for these reward versions);
     the unit of work of the score flow's parallel tasks. Writes no manifest (see :func:`write_scores`)."""
-    r = score_shard(
+    r = score_shard_incremental(
         shard_uri,
         load_rewards(score_cfg),
         out_uri,
@@ -75,6 +75,9 @@ def score_one_shard(
 def write_scores(params: Params, shards: Sequence[ShardScore]) -> ScoreResult:
     """Write ``score.manifest`` from per-shard results (:func:`score_one_shard`)."""
     versions = {r.name: r.version for r in load_rewards(params.score)}
+    storage = from_config(params.storage)
+    for uri in {s.uri for s in shards}:
+        record_reward_set(storage, uri, versions)
     m = write_score_manifest(params.score.manifest, versions, [s.to_dict() for s in shards])
     return score_result(params, m)
 
