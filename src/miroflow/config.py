@@ -236,6 +236,17 @@ class EvalConfig(_Section):
     images_per_prompt: int = Field(4, ge=1, description="Images generated per prompt.")
     steps: int = Field(50, ge=1, description="Euler sampling steps.")
     guidance_scale: float = Field(0.0, ge=0, description="ω in v+ + ω(v+ − v−).")
+    guidance_schedule: Literal["constant", "interval", "damped"] = Field(
+        "constant",
+        description="How ω varies with the flow time t (1 = noise, 0 = data): constant; interval = ω only for t "
+        "in guidance_interval; damped = ω·f(t), f from guidance_decay (MiroPipeline.__call__).",
+    )
+    guidance_interval: tuple[float, float] = Field(
+        (0.0, 1.0), description="[t_lo, t_hi] of the interval schedule, 0 <= t_lo < t_hi <= 1."
+    )
+    guidance_decay: Literal["linear", "cosine"] = Field(
+        "linear", description="f of the damped schedule: linear f(t) = t, cosine f(t) = (1 − cos πt)/2."
+    )
     reward_targets: dict[str, float] = Field(
         default_factory=dict, description="Positive reward targets (unspecified = 1.0)."
     )
@@ -246,6 +257,14 @@ class EvalConfig(_Section):
     batch_size: int = Field(64, ge=1, description="Images per sampling batch.")
     seed: int = Field(0, description="Sampling seed.")
     output: str = Field("eval", description="Output prefix under storage.root.")
+
+    @field_validator("guidance_interval")
+    @classmethod
+    def _guidance_interval(cls, v: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = v
+        if not (0.0 <= lo < hi <= 1.0):
+            raise ValueError(f"[{lo}, {hi}] must satisfy 0 <= t_lo < t_hi <= 1 (flow time, 1 = noise)")
+        return v
 
 
 class SweepConfig(_Section):

@@ -44,7 +44,7 @@ from PIL import Image
 from miroflow.checkpoint import latest_checkpoint, run_uri
 from miroflow.config import Params, ScoreConfig
 from miroflow.content_keys import addressed
-from miroflow.pipeline import MiroPipeline, load_pipeline
+from miroflow.pipeline import GuidanceDecay, GuidanceSchedule, MiroPipeline, load_pipeline
 from miroflow.prompts import PromptItem, load_prompt_set
 from miroflow.results import eval_metrics
 from miroflow.rewards import load_rewards
@@ -97,8 +97,14 @@ def generate(
     reward_targets: Mapping[str, float | None] | None = None,
     negative_reward_targets: Mapping[str, float | None] | None = None,
     batch_size: int = 64,
+    guidance_schedule: GuidanceSchedule = "constant",
+    guidance_interval: Sequence[float] | None = None,
+    guidance_decay: GuidanceDecay = "linear",
 ) -> np.ndarray:
     """One image per ``(prompts[k], seeds[k])``, in batches of ``batch_size``.
+
+    ``guidance_schedule`` / ``guidance_interval`` / ``guidance_decay`` go to the pipeline as is
+    (:func:`miroflow.pipeline.guidance_weight`).
 
     Image ``k`` starts from ``torch.Generator("cpu").manual_seed(seeds[k])`` noise, so it does
     not depend on ``batch_size``.
@@ -125,6 +131,9 @@ def generate(
             num_inference_steps=num_inference_steps,
             generator=gens,
             output_type="np",
+            guidance_schedule=guidance_schedule,
+            guidance_interval=guidance_interval,
+            guidance_decay=guidance_decay,
         )
         chunks.append(to_uint8(out.images))  # type: ignore[union-attr]
     return np.concatenate(chunks, axis=0)
@@ -324,6 +333,9 @@ def run_evaluate(
             reward_targets=ev.reward_targets,
             negative_reward_targets=ev.negative_reward_targets,
             batch_size=ev.batch_size,
+            guidance_schedule=ev.guidance_schedule,
+            guidance_interval=ev.guidance_interval,
+            guidance_decay=ev.guidance_decay,
         )
         scores = score_images(images, prompts, reward_names, score_config=params.score, batch_size=ev.batch_size)
         verdicts = judge_images(images, prompts) if judged else [None] * len(prompts)
@@ -427,6 +439,8 @@ def eval_fingerprint(
         "rewards": list(reward_names),
         "chunk": chunk,
     }
+    if ev.guidance_schedule != "constant":  # constant keeps the fingerprints of earlier runs
+        doc["guidance_schedule"] = [ev.guidance_schedule, list(ev.guidance_interval), ev.guidance_decay]
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 

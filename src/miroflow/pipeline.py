@@ -42,16 +42,16 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 from torch import Tensor
 
-from miroflow.flow import cfg_model_fn, euler_sample
+from miroflow.flow import cfg_model_fn, euler_sample, guided_velocity
 from miroflow.models.denoiser import MiroDenoiser
 from miroflow.models.text import LearnedTokenEncoder, TextEmbedding, TextEncoder
 from miroflow.models.vae import PixelCodec, VAECodec
@@ -67,7 +67,125 @@ from miroflow.pipeline_spec import (
 )
 from miroflow.storage import Storage, join_uri
 
-__all__ = ["MIRO_JSON", "MiroSpec", "MiroPipeline", "MiroPipelineOutput", "GuidanceMode", "load_pipeline"]
+__all__ = [
+    "MIRO_JSON",
+    "MiroSpec",
+    "MiroPipeline",
+    "MiroPipelineOutput",
+    "GuidanceMode",
+    "GuidanceSchedule",
+    "GuidanceDecay",
+    "check_guidance_schedule",
+    "guidance_weight",
+    "scheduled_cfg_model_fn",
+    "load_pipeline",
+]
+
+
+# --------------------------------------------------------------------------- guidance schedules
+#: How ω varies along the trajectory (see :func:`guidance_weight`).
+GuidanceSchedule = Literal["constant", "interval", "damped"]
+#: The shape ``f`` of the damped schedule (see :func:`guidance_weight`).
+GuidanceDecay = Literal["linear", "cosine"]
+GUIDANCE_SCHEDULES: tuple[str, ...] = ("constant", "interval", "damped")
+GUIDANCE_DECAYS: tuple[str, ...] = ("linear", "cosine")
+
+
+def check_guidance_schedule(
+    schedule: str, interval: Sequence[float] | None, decay: str
+) -> tuple[GuidanceSchedule, tuple[float, float], GuidanceDecay]:
+    """Validate a guidance schedule; returns ``(schedule, (t_lo, t_hi), decay)``.
+
+    ``interval`` ``None`` means the whole trajectory ``(0.0, 1.0)``.
+
+    Raises:
+        ValueError: an unknown ``guidance_schedule`` or ``guidance_decay``, or a ``guidance_interval``
+            that is not two finite numbers with ``0 <= t_lo < t_hi <= 1`` (the message names the field).
+    """
+    if schedule not in GUIDANCE_SCHEDULES:
+        raise ValueError(f"guidance_schedule must be one of {', '.join(GUIDANCE_SCHEDULES)}, got {schedule!r}")
+    if decay not in GUIDANCE_DECAYS:
+        raise ValueError(f"guidance_decay must be one of {', '.join(GUIDANCE_DECAYS)}, got {decay!r}")
+    iv = (0.0, 1.0) if interval is None else tuple(interval)
+    if len(iv) != 2 or not all(
+        isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool) for v in iv
+    ):
+        raise ValueError(f"guidance_interval must be two numbers [t_lo, t_hi], got {interval!r}")
+    lo, hi = float(iv[0]), float(iv[1])
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0.0 <= lo < hi <= 1.0):
+        raise ValueError(f"guidance_interval [{lo}, {hi}] must satisfy 0 <= t_lo < t_hi <= 1 (flow time, 1 = noise)")
+    return schedule, (lo, hi), decay  # type: ignore[return-value]
+
+
+def guidance_weight(
+    omega: float,
+    t: float,
+    schedule: GuidanceSchedule = "constant",
+    interval: tuple[float, float] = (0.0, 1.0),
+    decay: GuidanceDecay = "linear",
+) -> float:
+    """The guidance weight ``ω_t`` used at flow time ``t`` (this codebase: ``t = 1`` noise, ``t = 0`` data;
+    sampling runs ``t`` from 1 down to 0, :mod:`miroflow.flow`).
+
+    * ``"constant"``: ``ω_t = ω``.
+    * ``"interval"``: ``ω_t = ω`` if ``t_lo <= t <= t_hi`` else 0 (guidance in a limited interval,
+      after Kynkäänniemi et al. 2024); at ``ω_t = 0`` the sampler runs only the positive branch.
+    * ``"damped"``: ``ω_t = ω · f(t)``, decaying from the full ω at the noise end (``t = 1``) to 0 at
+      the data end (``t = 0``): ``"linear"`` ``f(t) = t``; ``"cosine"`` ``f(t) = (1 − cos(π t)) / 2``
+      (flat at both ends, 0.5 at ``t = 0.5``).
+
+    Args:
+        omega: the nominal ω (≥ 0).
+        t: flow time in [0, 1].
+
+    Returns:
+        ``ω_t`` (a float, ``0 <= ω_t <= ω``).
+    """
+    if schedule == "constant":
+        return omega
+    if schedule == "interval":
+        lo, hi = interval
+        return omega if lo <= t <= hi else 0.0
+    if schedule == "damped":
+        f = t if decay == "linear" else 0.5 * (1.0 - math.cos(math.pi * t))
+        return omega * min(1.0, max(0.0, f))
+    raise ValueError(f"guidance_schedule must be one of {', '.join(GUIDANCE_SCHEDULES)}, got {schedule!r}")
+
+
+def scheduled_cfg_model_fn(
+    model_fn: Callable[..., Tensor],
+    cond_pos: Mapping[str, Tensor],
+    cond_neg: Mapping[str, Tensor],
+    weight: Callable[[float], float],
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """Like :func:`miroflow.flow.cfg_model_fn`, with ``ω_t = weight(t)`` chosen at every step.
+
+    Args:
+        model_fn: ``model_fn(x [N, ...], t [N], **cond) -> v [N, ...]`` (rows independent).
+        cond_pos: conditioning tensors ``[B, ...]`` of ``s⁺``; ``cond_neg`` the same keys/shapes for ``s⁻``.
+        weight: flow time ``t`` (float) -> ``ω_t >= 0``.
+
+    Returns:
+        ``f(x_t [B, ...], t [B]) -> v̂ [B, ...]``: ``ω_t = 0`` runs one forward of ``B`` rows (``v⁺``);
+        otherwise one batched forward of ``2B`` rows and ``v⁺ + ω_t (v⁺ − v⁻)``. Every row of ``t``
+        must hold the same time (as :func:`miroflow.flow.euler_sample` passes it).
+    """
+    if set(cond_pos) != set(cond_neg):
+        raise ValueError(f"cond_pos and cond_neg keys differ: {sorted(cond_pos)} vs {sorted(cond_neg)}")
+    pos = dict(cond_pos)
+    both = {k: torch.cat([cond_pos[k], cond_neg[k]], dim=0) for k in cond_pos}
+
+    def guided(x: Tensor, t: Tensor) -> Tensor:
+        if t.numel() > 1 and not bool(torch.all(t == t.reshape(-1)[0])):
+            raise ValueError("scheduled guidance needs one flow time per step (all rows of t equal)")
+        w = float(weight(float(t.reshape(-1)[0])))
+        if w == 0.0:
+            return model_fn(x, t, **pos)
+        bsz = x.shape[0]
+        out = model_fn(torch.cat([x, x], dim=0), torch.cat([t, t], dim=0), **both)
+        return guided_velocity(out[:bsz], out[bsz:], w)
+
+    return guided
 
 
 class MiroPipeline(DiffusionPipeline):  # type: ignore[misc]
@@ -301,6 +419,9 @@ class MiroPipeline(DiffusionPipeline):  # type: ignore[misc]
         return_dict: bool = True,
         latents: Tensor | None = None,
         timestep_shift: float = 1.0,
+        guidance_schedule: GuidanceSchedule = "constant",
+        guidance_interval: Sequence[float] | None = None,
+        guidance_decay: GuidanceDecay = "linear",
     ) -> MiroPipelineOutput | tuple[Any]:
         """Generate images.
 
@@ -317,6 +438,12 @@ class MiroPipeline(DiffusionPipeline):  # type: ignore[misc]
             return_dict: return :class:`MiroPipelineOutput` (else a 1-tuple).
             latents: optional initial noise ``[N, C, h, w]``.
             timestep_shift: SD3-style shift of the time grid (1 = uniform).
+            guidance_schedule: how ω varies with the flow time ``t`` (1 = noise, 0 = data), see
+                :func:`guidance_weight`: ``"constant"`` (default, today's sampler bit for bit),
+                ``"interval"`` (ω only for ``t`` in ``guidance_interval``, else the positive branch
+                alone, one forward of N rows) or ``"damped"`` (``ω·f(t)``, ``f`` from ``guidance_decay``).
+            guidance_interval: ``[t_lo, t_hi]`` with ``0 <= t_lo < t_hi <= 1`` (``None`` = ``[0, 1]``).
+            guidance_decay: ``"linear"`` or ``"cosine"`` (the damped schedule's ``f``).
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -330,6 +457,7 @@ class MiroPipeline(DiffusionPipeline):  # type: ignore[misc]
         omega = float(guidance_scale)
         if not math.isfinite(omega) or omega < 0:
             raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
+        schedule, interval, decay = check_guidance_schedule(guidance_schedule, guidance_interval, guidance_decay)
         pos_t = self.resolve_reward_targets(reward_targets, 1.0, "reward_targets")
         neg_t = self.resolve_reward_targets(negative_reward_targets, 0.0, "negative_reward_targets")
         mode = self.guidance_mode
@@ -360,7 +488,15 @@ class MiroPipeline(DiffusionPipeline):  # type: ignore[misc]
             }
 
         x_init = self.prepare_latents(n, generator, latents)
-        guided = cfg_model_fn(self._velocity, cond_pos, cond_neg, omega)
+        if schedule == "constant" or omega == 0:
+            guided = cfg_model_fn(self._velocity, cond_pos, cond_neg, omega)
+        else:
+            guided = scheduled_cfg_model_fn(
+                self._velocity,
+                cond_pos,
+                cond_neg,
+                lambda t: guidance_weight(omega, t, schedule, interval, decay),
+            )
         steps = int(num_inference_steps)
         with self.progress_bar(total=steps) as bar:
 

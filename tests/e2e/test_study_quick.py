@@ -99,6 +99,8 @@ def test_quick_study_end_to_end_and_resume(tmp_path: Path) -> None:
         "## Convergence and speed-up",
         "## Test-time scaling: best-of-N",
         "## Reward-target and guidance sweeps",
+        "## Guidance schedules",
+        "## Reward-hacking flags",
         "## Samples",
     ):
         assert section in md
@@ -121,6 +123,15 @@ def test_quick_study_end_to_end_and_resume(tmp_path: Path) -> None:
         assert c["metrics"]["overall"][-1] is not None
     assert set(study["tts_raw"]) == {"miro", "baseline"}
     assert [p["x"] for p in study["sweeps"]["target"]] == cfg.target_values
+    # guidance schedules, judge floor and hacking flags (issue 14): present, whatever the numbers
+    assert [p["name"] for p in study["schedules"]["points"]] == [s.name for s in cfg.guidance_schedules]
+    assert study["schedule_verdict"]["answer"] in ("yes", "no", "n/a") and study["schedule_verdict"]["sentence"] in md
+    assert "Judge floor" in md and md.count("Judge floor") >= 3  # claims, final table, schedules
+    assert set(study["hacking"]["curves"]) == set(study["final"])
+    assert set(study["hacking"]["sweeps"]) == {"target", "guidance"}
+    monitored = [*study["hacking"]["curves"].values(), *study["hacking"]["sweeps"].values()]
+    n_lines = sum(len(d["flags"]) + bool(d["error"]) for d in monitored)
+    assert ("- no flags" in md) == (n_lines == 0)
     root = Path(study["root"])
     assert json.loads((root / "study.json").read_text())["size"] == "quick"
 
@@ -138,6 +149,7 @@ def test_quick_study_end_to_end_and_resume(tmp_path: Path) -> None:
     assert any("loss" in children[n].data.metrics for n in train_children)
     assert {f"eval-{n}" for n in study["final"]} <= set(children)
     assert sum(n.startswith("sweep-") for n in children) == len(cfg.target_values) + len(cfg.guidance_scales)
+    assert {f"schedule-{s.name}" for s in cfg.guidance_schedules} <= set(children)
     assert "claim/1" in parents[0].data.metrics
     arts = {a.path for a in client.list_artifacts(pid, "report")}
     assert "report/results.md" in arts

@@ -16,7 +16,11 @@ stopped):
    categories), all targets 1, ω = ``study.guidance_scale``; **final** — the last checkpoint on a
    larger prompt set for the comparison table.
 4. **tts** — best-of-N for MIRO and the baseline (the first seed of each), selecting by each reward.
-5. **sweeps** — ``study.target_reward``'s target 0 → 1 (others 1) and the ω grid, on MIRO's first seed.
+5. **sweeps** — ``study.target_reward``'s target 0 → 1 (others 1) and the ω grid, on MIRO's first seed;
+   then the guidance-schedule points of ``study.guidance_schedules`` (constant / interval / damped ω)
+   on the same run. The reward-hacking monitor (:mod:`miroflow.hacking`) runs over every run's
+   convergence evaluations and both sweep grids; the judge floor (:mod:`miroflow.judge_floor`) is
+   computed once at the study's resolution.
 6. **report** — figures, ``results.md`` with the claims judged from the numbers, everything also
    logged to MLflow (experiment ``study.experiment``: one parent run, one child per training run,
    per best-of-N model, per run's evaluations and per sweep point).

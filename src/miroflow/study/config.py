@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from miroflow.config import Params, ParamsError, apply_overrides, format_validation_error
 from miroflow.recipes import baseline_of, derive, miro_of, specialist_of, synthetic_of
@@ -23,6 +23,7 @@ from miroflow.storage import join_uri, parse_uri
 
 __all__ = [
     "RunSpec",
+    "ScheduleSpec",
     "SizeSpec",
     "StudyConfig",
     "PlannedRun",
@@ -79,6 +80,35 @@ class SizeSpec(_Model):
     )
 
 
+class ScheduleSpec(_Model):
+    """One point of the guidance-schedule sweep (``MiroPipeline`` guidance schedules, docs/design.md)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Point label; evaluated under sweeps/schedule-<name>.")
+    guidance_scale: float = Field(ge=0, description="The nominal ω.")
+    schedule: Literal["constant", "interval", "damped"] = Field(
+        default="constant", description="eval.guidance_schedule."
+    )
+    interval: tuple[float, float] = Field(default=(0.0, 1.0), description="eval.guidance_interval [t_lo, t_hi].")
+    decay: Literal["linear", "cosine"] = Field(default="linear", description="eval.guidance_decay.")
+
+    @field_validator("interval")
+    @classmethod
+    def _interval(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 <= v[0] < v[1] <= 1.0:
+            raise ValueError(f"[{v[0]}, {v[1]}] must satisfy 0 <= t_lo < t_hi <= 1 (flow time, 1 = noise)")
+        return v
+
+
+def _default_schedules() -> list[ScheduleSpec]:
+    return [
+        ScheduleSpec(name="omega0", guidance_scale=0.0),
+        ScheduleSpec(name="constant", guidance_scale=1.0),
+        ScheduleSpec(name="interval-0-0.5", guidance_scale=1.0, schedule="interval", interval=(0.0, 0.5)),
+        ScheduleSpec(name="interval-0.25-0.75", guidance_scale=1.0, schedule="interval", interval=(0.25, 0.75)),
+        ScheduleSpec(name="damped-linear", guidance_scale=1.0, schedule="damped", decay="linear"),
+    ]
+
+
 def _default_runs() -> list[RunSpec]:
     return [
         RunSpec(name="baseline", role="baseline", rewards=[], seeds=[0, 1]),
@@ -101,6 +131,11 @@ class StudyConfig(_Model):
     target_values: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], min_length=2)
     guidance_scales: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 1.0], min_length=1)
     best_of_n: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16], min_length=1)
+    guidance_schedules: list[ScheduleSpec] = Field(
+        default_factory=_default_schedules,
+        description="Guidance-schedule sweep on the MIRO run; [] = none. The report's question needs a constant "
+        "ω = 0 point (the reference) and a constant ω > 0 point (the full-guidance gain).",
+    )
     sizes: dict[str, SizeSpec] = Field(default_factory=lambda: {"default": SizeSpec(), "quick": SizeSpec()})
     notes: dict[str, list[str]] = Field(
         default_factory=dict, description="Analysis paragraphs per size, copied into results.md."
@@ -164,6 +199,7 @@ class StudyPlan:
     tts: Params
     target_points: tuple[tuple[float, Params], ...]
     guidance_points: tuple[tuple[float, Params], ...]
+    schedule_points: tuple[tuple[ScheduleSpec, Params], ...] = ()
 
     @property
     def sweep_run(self) -> str:
@@ -287,6 +323,10 @@ def _check_grids(cfg: StudyConfig, rewards: Sequence[str]) -> list[str]:
     bad = [w for w in cfg.guidance_scales if w < 0]
     if bad:
         problems.append(f"study.guidance_scales: ω must be >= 0, got {bad}")
+    names = [s.name for s in cfg.guidance_schedules]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        problems.append(f"study.guidance_schedules: duplicate point name(s) {dup}")
     bad_n = [n for n in cfg.best_of_n if n < 1]
     if bad_n:
         problems.append(f"study.best_of_n: N must be >= 1, got {bad_n}")
@@ -347,6 +387,20 @@ def validate_study(cfg: StudyConfig, params: Params, size: str) -> StudyPlan:
             (x, _eval_params(base, cfg, sz, sp, si, targets={cfg.target_reward: x})) for x in cfg.target_values
         )
         guidance = tuple((w, _eval_params(base, cfg, sz, sp, si, guidance=w)) for w in cfg.guidance_scales)
+        schedules = tuple(
+            (
+                spec,
+                derive(
+                    _eval_params(base, cfg, sz, sp, si, guidance=spec.guidance_scale),
+                    eval={
+                        "guidance_schedule": spec.schedule,
+                        "guidance_interval": list(spec.interval),
+                        "guidance_decay": spec.decay,
+                    },
+                ),
+            )
+            for spec in cfg.guidance_schedules
+        )
     except ParamsError as err:
         lines = [f"study.sizes.{size}: evaluation {line}" for line in err.problems]
         raise ParamsError("study", problems + lines) from None
@@ -368,4 +422,5 @@ def validate_study(cfg: StudyConfig, params: Params, size: str) -> StudyPlan:
         tts=tts,
         target_points=targets,
         guidance_points=guidance,
+        schedule_points=schedules,
     )

@@ -25,6 +25,9 @@ __all__ = [
     "notes",
     "fmt",
     "mean",
+    "schedule_verdict",
+    "floor_text",
+    "hacking_lines",
 ]
 
 #: Display order of the judge categories (GenEval's six).
@@ -283,6 +286,177 @@ def write_figures(
     return figs
 
 
+# --------------------------------------------------------------------------- guidance schedules, floor, hacking
+#: Share of full guidance's mean reward gain a schedule must keep (issue 14, item 6).
+KEEP_GAIN = 0.9
+
+
+def _mean_reward(pt: Mapping[str, Any], rewards: Sequence[str]) -> float | None:
+    vals = [float(v) for v in (pt.get(r) for r in rewards) if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def schedule_verdict(schedules: Mapping[str, Any] | None, rewards: Sequence[str]) -> dict[str, Any]:
+    """Does some guidance schedule keep ≥ 90 % of full guidance's mean reward gain with the judge within noise?
+
+    Reference ``ref`` = the constant point with ω = 0; ``full`` = the constant point with the largest
+    ω > 0. For every other point at ``full``'s ω: ``kept = (R̄(s) − R̄(ref)) / (R̄(full) − R̄(ref))``
+    with ``R̄`` the mean over the image rewards (``rewards`` without ``shapes_alignment``, the judge's own
+    score, which the accuracy condition covers) of the reward means, and ``Δacc = acc(s) − acc(ref)`` against
+    ``2·SE``, ``SE = sqrt(SE_s² + SE_ref²)`` (binomial judge SEs). A point qualifies when ``kept ≥ 0.9``
+    and ``Δacc ≥ −2·SE`` (not lower than ω = 0 beyond noise; a higher accuracy also qualifies).
+
+    Returns:
+        ``{"answer": "yes" | "no" | "n/a", "sentence", "rows": [{name, kept, d_acc, se, gain_ok, acc_ok}],
+        "full", "ref"}``.
+    """
+    pts = list((schedules or {}).get("points") or [])
+    rewards = [r for r in rewards if r != JUDGE_SELECT_BY] or list(rewards)
+    ref = next((p for p in pts if p["schedule"] == "constant" and p["omega"] == 0), None)
+    fulls = [p for p in pts if p["schedule"] == "constant" and p["omega"] > 0]
+    full = max(fulls, key=lambda p: p["omega"]) if fulls else None
+    if ref is None or full is None:
+        return {
+            "answer": "n/a",
+            "sentence": "The schedule question needs a constant ω = 0 point and a constant ω > 0 point; "
+            "study.guidance_schedules lacks one.",
+            "rows": [],
+            "ref": None,
+            "full": None,
+        }
+    r0, r1 = _mean_reward(ref, rewards), _mean_reward(full, rewards)
+    a0, se0 = ref.get("overall"), ref.get("judge_se") or 0.0
+    rows: list[dict[str, Any]] = []
+    for p in pts:
+        if p is ref or p["omega"] != full["omega"]:
+            continue
+        rs, acc = _mean_reward(p, rewards), p.get("overall")
+        gain_full = None if r0 is None or r1 is None else r1 - r0
+        kept = None if gain_full is None or rs is None or gain_full <= 0 else (rs - r0) / gain_full  # type: ignore[operator]
+        se = math.hypot(p.get("judge_se") or 0.0, se0)
+        d_acc = None if acc is None or a0 is None else acc - a0
+        rows.append(
+            {
+                "name": p["name"],
+                "kept": kept,
+                "d_acc": d_acc,
+                "se": se,
+                "gain_ok": kept is not None and kept >= KEEP_GAIN,
+                "acc_ok": d_acc is not None and d_acc >= -2 * se,
+                "candidate": p is not full,
+            }
+        )
+    gain_full = None if r0 is None or r1 is None else r1 - r0
+    w = f"{full['omega']:g}"
+    if gain_full is None or gain_full <= 0:
+        return {
+            "answer": "n/a",
+            "sentence": f"Constant ω = {w} gives no mean reward gain over ω = 0 (R̄ {fmt(r0)} → {fmt(r1)}), so there "
+            "is no gain to keep: the question does not apply to this run.",
+            "rows": rows,
+            "ref": ref["name"],
+            "full": full["name"],
+        }
+    good = [r for r in rows if r["candidate"] and r["gain_ok"] and r["acc_ok"]]
+    detail = "; ".join(
+        f"{r['name']}: keeps {fmt(r['kept'], 3)} of the gain, accuracy {fmt(r['d_acc'], 3)} vs ω = 0 (2 SE = "
+        f"{fmt(2 * r['se'], 3)})"
+        for r in rows
+    )
+    head = (
+        f"Does some schedule keep ≥ {KEEP_GAIN:.0%} of constant ω = {w}'s mean reward gain over ω = 0 (mean over "
+        f"{', '.join(rewards)}: {fmt(r0)} → {fmt(r1)}, gain {gain_full:+.4f}) with judge accuracy not below ω = 0's "
+        f"({fmt(a0)}) by more than 2 SE? "
+    )
+    answer = "yes" if good else "no"
+    verdict = (
+        f"**Yes**: {', '.join(r['name'] for r in good)}." if good else "**No**: no schedule meets both conditions."
+    )
+    return {
+        "answer": answer,
+        "sentence": f"{head}{verdict} Per point: {detail}.",
+        "rows": rows,
+        "ref": ref["name"],
+        "full": full["name"],
+    }
+
+
+def floor_text(study: Mapping[str, Any]) -> str:
+    """One line: the judge floor (max over object-free input kinds), overall and per category, or ``n/a``."""
+    fl = study.get("judge_floor") or {}
+    worst = fl.get("max") or {}
+    if fl.get("error") or "overall" not in worst:
+        why = fl.get("error") or "not computed"
+        return f"Judge floor: n/a ({why})."
+    cats = ", ".join(f"{k} {fmt(worst[k], 2)}" for k in CATEGORIES if k in worst)
+    kinds = ", ".join(f"{k} {fmt(v.get('overall'), 3)}" for k, v in (fl.get("kinds") or {}).items())
+    return (
+        f"Judge floor (accuracy the judge gives object-free images at {fl.get('resolution')} px, max over input "
+        f"kinds): overall **{fmt(worst['overall'])}**; per category {cats}; overall per kind: {kinds}. An accuracy "
+        "means something only above its floor."
+    )
+
+
+def _schedules_md(study: Mapping[str, Any]) -> list[str]:
+    sc, rewards = study["schedules"], study["rewards"]
+    L = [
+        "## Guidance schedules\n",
+        f"On `{sc['run']}`, {study['sweep_set'].split(', ω')[0]}; flow time t runs from 1 (noise) to 0 (data). "
+        "`interval [a, b]` = ω only while a ≤ t ≤ b (positive branch alone elsewhere); `damped` = ω·f(t) with "
+        "f(t) = t (linear) or (1 − cos πt)/2 (cosine). Judge accuracy ± its binomial SE; reward means.\n",
+        "| point | ω | schedule | judge accuracy ± SE | " + " | ".join(rewards) + " | mean image reward |",
+        "|---" * (5 + len(rewards)) + "|",
+    ]
+    for p in sc["points"]:
+        how = p["schedule"]
+        if how == "interval":
+            how += f" [{p['interval'][0]:g}, {p['interval'][1]:g}]"
+        elif how == "damped":
+            how += f" ({p['decay']})"
+        L.append(
+            f"| {p['name']} | {p['omega']:g} | {how} | {fmt(p.get('overall'))} ± {fmt(p.get('judge_se'))} | "
+            + " | ".join(fmt(p.get(r)) for r in rewards)
+            + f" | {fmt(_mean_reward(p, [r for r in rewards if r != JUDGE_SELECT_BY]))} |"
+        )
+    L.append("")
+    v = study.get("schedule_verdict") or {}
+    if v.get("sentence"):
+        L.append(v["sentence"] + "\n")
+    L.append(floor_text(study) + "\n")
+    return L
+
+
+def hacking_lines(study: Mapping[str, Any]) -> list[str]:
+    """Every reward-hacking flag of the study (convergence curves and sweep grids), one line each."""
+    hk = study.get("hacking") or {}
+    groups = [(f"run `{n}` (convergence, by step)", d) for n, d in (hk.get("curves") or {}).items()]
+    groups += [(f"{kind} sweep (by x)", d) for kind, d in (hk.get("sweeps") or {}).items()]
+    out: list[str] = []
+    for label, d in groups:
+        if d.get("error"):
+            out.append(f"{label}: monitor could not run ({d['error']})")
+        for f in d.get("flags") or []:
+            out.append(
+                f"{label}: {f['start']} → {f['end']}: {f['rose']} rose {f['rise']:+.3f} (± {f['rise_se']:.3f}) while "
+                f"{f['fell']} fell {f['fall']:+.3f} (± {f['fall_se']:.3f})"
+            )
+    return out
+
+
+def _hacking_md(study: Mapping[str, Any]) -> list[str]:
+    hk = study.get("hacking") or {}
+    lines = hacking_lines(study)
+    L = [
+        "## Reward-hacking flags\n",
+        f"`miroflow.hacking.monitor_evals` (k = {hk.get('k', 2.0):g}): between consecutive evaluations, a reward rising "
+        "by more than k SE while the judge or another reward falls by more than k SE. Sweep points share seeds, "
+        "so the test is conservative there.\n",
+    ]
+    L += [f"- {x}" for x in lines] if lines else ["- no flags"]
+    L.append("")
+    return L
+
+
 # --------------------------------------------------------------------------- results.md
 def _claims_md(study: Mapping[str, Any]) -> list[str]:
     """The claims table and their evidence; every claim is judged on samples drawn at guidance
@@ -296,6 +470,7 @@ def _claims_md(study: Mapping[str, Any]) -> list[str]:
         L.append(f"{i}. {cl['claim']} (ω = {omega}) — {'reproduced' if cl['reproduced'] else 'not reproduced'}:")
         L.extend(f"   - {e}" for e in cl["evidence"])
     L.append("")
+    L.append(floor_text(study) + "\n")
     return L
 
 
@@ -367,7 +542,17 @@ def _final_md(study: Mapping[str, Any]) -> list[str]:
             + " | ".join(fmt(f.get(r)) for r in rewards)
             + " |"
         )
+    worst = (study.get("judge_floor") or {}).get("max") or {}
+    if "overall" in worst:
+        L.append(
+            "| *judge floor (object-free images, max over kinds)* | "
+            + " | ".join(fmt(worst.get(k), 2) for k in cats)
+            + f" | *{fmt(worst['overall'])}* | "
+            + " | ".join("–" for _ in rewards)
+            + " |"
+        )
     L.append("")
+    L.append(floor_text(study) + "\n")
     return L
 
 
@@ -468,6 +653,9 @@ def markdown(study: Mapping[str, Any], figs: Mapping[str, Path]) -> str:
         L += _tts_md(study, figs)
     if study.get("sweeps"):
         L += _sweeps_md(study, figs)
+    if study.get("schedules"):
+        L += _schedules_md(study)
+    L += _hacking_md(study)
     if "samples" in figs:
         L += ["## Samples\n", f"![samples](figures/{figs['samples'].name})\n"]
     L.append("## Notes\n")

@@ -21,11 +21,13 @@ from miroflow.study.machine import choose_threads, cpu_model, load_average, torc
 from miroflow.study.runner import (
     Curves,
     StudyRun,
+    curve_flags,
     found_prior_work,
     read_json,
     sample_images,
     stage_curves,
     stage_data,
+    stage_schedules,
     stage_sweeps,
     stage_train,
     stage_tts,
@@ -92,7 +94,12 @@ def run_study(
         ev = stage_curves(run, train)
         tts = stage_tts(run, train)
         sweeps = stage_sweeps(run, train)
+        schedules = stage_schedules(run, train) if plan.schedule_points else None
         study = _study_doc(run, data, train, ev, tts, sweeps)
+        study["schedules"] = schedules
+        study["schedule_verdict"] = report.schedule_verdict(schedules, list(plan.rewards)) if schedules else None
+        study["judge_floor"] = _judge_floor(plan.params.data.resolution)
+        study["hacking"] = {"k": 2.0, "curves": curve_flags(ev), "sweeps": sweeps.get("hacking", {})}
         study["compute"] = _compute(run, train, t_start, threads, load, prior)
         study["notes"] = report.notes(study) + list(cfg.notes.get(size, []))
         figs = report.write_figures(study, sample_images(run, train), out / "figures")
@@ -104,6 +111,24 @@ def run_study(
         _log_study(run, study, train, ev, results, figs)
     log.info("study %s done in %.1f min: %s", size, (time.time() - t_start) / 60, results)
     return study
+
+
+def _judge_floor(resolution: int) -> dict[str, Any]:
+    """:func:`miroflow.judge_floor.judge_floor` at the study's resolution: ``{"kinds": {kind: {category:
+    accuracy, "overall"}}, "max": {category: max over kinds, "overall": ...}, "error": None}``; when the
+    module is missing or fails, ``{"kinds": {}, "max": {}, "error": message}`` (the report says n/a)."""
+    t0 = time.time()
+    try:
+        from miroflow.judge_floor import judge_floor
+
+        kinds = judge_floor(resolution=int(resolution))
+        keys = sorted({k for acc in kinds.values() for k in acc}, key=lambda k: (k == "overall", k))
+        worst = {k: max(float(acc[k]) for acc in kinds.values() if k in acc) for k in keys}
+    except Exception as err:  # noqa: BLE001 - another module's failure must not stop the report
+        log.warning("study: judge floor unavailable: %s", err)
+        return {"kinds": {}, "max": {}, "error": f"{type(err).__name__}: {err}", "resolution": resolution}
+    log.info("study: judge floor at %d px in %.1f s: overall max %.3f", resolution, time.time() - t0, worst["overall"])
+    return {"kinds": kinds, "max": worst, "error": None, "resolution": resolution}
 
 
 def _study_doc(
@@ -248,6 +273,12 @@ def _log_study(
         m.update(s.metrics(prefix=f"final/{name}/"))
     m.update({f"speedup/{r}": float(x["speedup"]) for r, x in study["speedup"].items() if x.get("speedup") is not None})
     m.update({f"claim/{i}": float(c["reproduced"]) for i, c in enumerate(study["claims"], 1)})
+    hk = study.get("hacking") or {}
+    monitored = [*(hk.get("curves") or {}).values(), *(hk.get("sweeps") or {}).values()]
+    m["hacking/flags"] = float(sum(len(d.get("flags") or []) for d in monitored))
+    floor = (study.get("judge_floor") or {}).get("max") or {}
+    if "overall" in floor:
+        m["judge_floor/overall"] = float(floor["overall"])
     parent.log_metrics(m, step=0)
     parent.log_dict(json_safe(study), "study.json")
     parent.log_artifact(results, "report")

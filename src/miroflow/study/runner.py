@@ -8,6 +8,7 @@ document for the same checkpoint and grid.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from miroflow import stages
+from miroflow import hacking, stages
 from miroflow.checkpoint import list_checkpoints, run_uri
 from miroflow.config import Params
 from miroflow.data.shards import iter_shard
@@ -48,6 +49,8 @@ __all__ = [
     "stage_curves",
     "stage_tts",
     "stage_sweeps",
+    "stage_schedules",
+    "curve_flags",
     "sample_images",
 ]
 
@@ -125,17 +128,76 @@ def _reusable(doc: Mapping[str, Any], p: Params, checkpoint: str) -> bool:
     )
 
 
+#: Sidecar of an evaluation with a non-constant guidance schedule (summary.json does not record it).
+SCHEDULE_JSON = "guidance_schedule.json"
+
+
+def _schedule_key(p: Params) -> dict[str, Any]:
+    """The guidance schedule of ``p.eval`` as the sidecar stores it (``{"schedule": "constant"}`` for constant)."""
+    ev = p.eval
+    if ev.guidance_schedule == "constant":
+        return {"schedule": "constant"}
+    return {"schedule": ev.guidance_schedule, "interval": list(ev.guidance_interval), "decay": ev.guidance_decay}
+
+
 def evaluate(run: StudyRun, p: Params, checkpoint: str, out: str) -> EvalSummary:
-    """``stages.evaluate`` of ``checkpoint`` into ``out`` unless its summary is already there (idempotent)."""
+    """``stages.evaluate`` of ``checkpoint`` into ``out`` unless its summary is already there (idempotent).
+
+    A non-constant guidance schedule is recorded in ``out/guidance_schedule.json``; a summary is reused
+    only when that sidecar (absent = constant) matches ``p.eval``'s schedule.
+    """
     done = read_json(run.st, join_uri(out, "summary.json"))
-    if done is not None and _reusable(done, p, checkpoint):
+    key = _schedule_key(p)
+    sidecar = read_json(run.st, join_uri(out, SCHEDULE_JSON)) or {"schedule": "constant"}
+    if done is not None and _reusable(done, p, checkpoint) and sidecar == key:
         try:
             return EvalSummary.from_dict(done)
         except ValueError:
             log.warning("study: %s/summary.json has another layout; evaluating again", out)
-    return stages.evaluate(
+    res = stages.evaluate(
         derive(p, eval={"checkpoint": checkpoint}), out_uri=out, manifest=None, storage=run.st, tracker=NullTracker()
     )
+    if key["schedule"] != "constant":
+        write_json(run.st, join_uri(out, SCHEDULE_JSON), key)
+    elif run.st.exists(join_uri(out, SCHEDULE_JSON)):
+        run.st.delete(join_uri(out, SCHEDULE_JSON))
+    return res
+
+
+def _judge_se(s: EvalSummary) -> float | None:
+    """Standard error of the judge's overall accuracy (:mod:`miroflow.hacking`'s binomial SE), ``None`` if unjudged."""
+    try:
+        est = hacking.as_point(s).metrics.get(hacking.JUDGE)
+    except hacking.HackingInputError:
+        return None
+    return None if est is None else est.se
+
+
+def _flags(points: Sequence[hacking.EvalPoint | EvalSummary]) -> dict[str, Any]:
+    """``{"flags": [Flag as dict], "error": None}`` of :func:`miroflow.hacking.monitor_evals` over ``points``
+    (in the order given); an input the monitor rejects gives no flags and its message in ``error``."""
+    try:
+        flags = hacking.monitor_evals(points, k=hacking.DEFAULT_K)
+    except hacking.HackingInputError as err:
+        return {"flags": [], "error": str(err)}
+    return {"flags": [dataclasses.asdict(f) for f in flags], "error": None}
+
+
+def _point(s: EvalSummary, where: str, x: float) -> hacking.EvalPoint:
+    return dataclasses.replace(hacking.as_point(s), where=where, x=float(x))
+
+
+def curve_flags(ev: Curves) -> dict[str, dict[str, Any]]:
+    """Reward-hacking flags over each run's convergence evaluations, ordered by step (see :func:`_flags`)."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, pts in ev.summaries.items():
+        try:
+            points = [_point(s, f"step {step}", step) for step, s in sorted(pts, key=lambda q: q[0])]
+        except hacking.HackingInputError as err:
+            out[name] = {"flags": [], "error": str(err)}
+            continue
+        out[name] = _flags(points)
+    return out
 
 
 # --------------------------------------------------------------------------- stages
@@ -330,6 +392,67 @@ def stage_sweeps(run: StudyRun, train: Mapping[str, Mapping[str, Any]]) -> dict[
                 with run.parent.child_run(f"sweep-{kind}-{pt['x']:g}", tags=tags) as c:
                     c.log_params({"sweep.kind": kind, key: pt["x"], "checkpoint": ckpt})
                     c.log_metrics(s.metrics(), step=0)
+    res["hacking"] = {}
+    for kind, label in (("target", f"{tr} target"), ("guidance", "ω")):
+        try:
+            pts = sorted(
+                (_point(s, f"{label} {pt['x']:g}", pt["x"]) for pt, s in zip(res[kind], summaries[kind])),
+                key=lambda q: q.x if q.x is not None else 0.0,
+            )
+        except hacking.HackingInputError as err:
+            res["hacking"][kind] = {"flags": [], "error": str(err)}
+            continue
+        res["hacking"][kind] = _flags(pts)
+    return res
+
+
+def stage_schedules(run: StudyRun, train: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The guidance-schedule sweep on the MIRO run (first seed), at the sweep sizes; one child run per point.
+
+    A constant-schedule point with an ω of the ω sweep reuses that sweep's evaluation (same settings,
+    same directory); the others are evaluated under ``sweeps/schedule-<name>``.
+
+    Returns:
+        ``{"run", "points": [{name, omega, schedule, interval, decay, overall, acc/<cat>, <reward>, se
+        {reward: SE}, judge_se}]}``.
+    """
+    plan = run.plan
+    name = plan.sweep_run
+    ckpt = train[name]["checkpoints"][-1][1]
+    sweep_ws = set(plan.cfg.guidance_scales)
+    res: dict[str, Any] = {"run": name, "points": []}
+    with run.timed("schedules"):
+        for spec, p in plan.schedule_points:
+            if spec.schedule == "constant" and spec.guidance_scale in sweep_ws:
+                out = join_uri(plan.root, "sweeps", f"guidance-{spec.guidance_scale:g}")
+            else:
+                out = join_uri(plan.root, "sweeps", f"schedule-{spec.name}")
+            s = evaluate(run, p, ckpt, out)
+            res["points"].append(
+                {
+                    "name": spec.name,
+                    "omega": spec.guidance_scale,
+                    "schedule": spec.schedule,
+                    "interval": list(spec.interval),
+                    "decay": spec.decay,
+                    **study_metrics(s),
+                    "se": _se(s, plan.rewards),
+                    "judge_se": _judge_se(s),
+                }
+            )
+            tags = {"study.kind": "sweep-schedule", "study.run": name}
+            with run.parent.child_run(f"schedule-{spec.name}", tags=tags) as c:
+                c.log_params(
+                    {
+                        "sweep.kind": "schedule",
+                        "guidance_scale": spec.guidance_scale,
+                        "guidance_schedule": spec.schedule,
+                        "guidance_interval": f"[{spec.interval[0]:g}, {spec.interval[1]:g}]",
+                        "guidance_decay": spec.decay,
+                        "checkpoint": ckpt,
+                    }
+                )
+                c.log_metrics(s.metrics(), step=0)
     return res
 
 
