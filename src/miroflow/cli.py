@@ -19,6 +19,7 @@ import typer
 from typer.core import TyperGroup
 
 from miroflow import stages
+from miroflow.compare import run_compare
 from miroflow.config import Params, ParamsError, load_params
 from miroflow.errors import MiroflowError, describe
 from miroflow.study import run_study
@@ -271,6 +272,27 @@ def tune_targets(
     r = run_tune_targets(_load(params_file, [*(overrides or []), *extra]))
     for line in brief_lines(r.to_dict()):
         typer.echo(line)
+
+
+@app.command()
+def compare(
+    runs: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="RUN",
+            help="MLflow run ids or names (newest run of that name in tracking.experiment); first = reference.",
+        ),
+    ],
+    params_file: ParamsFile = Path("params.yaml"),
+    overrides: SetOpt = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Report folder (default work/compare/<hash of the run ids>).")
+    ] = None,
+) -> None:
+    """Compare runs: final rewards and judge accuracy per category with SEs and p-values against the first run,
+    reward curves overlaid, sample grids side by side (docs/compare.md); markdown + PNGs, logged as an MLflow run."""
+    r = run_compare(_load(params_file, overrides), runs, out_dir=out)
+    typer.echo(f"compared {len(r['runs'])} runs -> {r['files']['report']} (MLflow run {r['mlflow_run_id']})")
 
 
 def main() -> None:  # pragma: no cover - console entry

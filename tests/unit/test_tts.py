@@ -154,7 +154,8 @@ def test_selected_reward_never_decreases_with_n_on_fixed_seeds(pipe: MiroPipelin
     again = generate(pipe, [items[2].prompt], [sample_seed(5, 2, 3)], num_inference_steps=STEPS)
     assert np.abs(again[0].astype(int) - cands.images[2, 3].astype(int)).max() <= 1  # batched float rounding
     ns = [1, 2, 3, 4, 6, 8]
-    for select_by in ("compressibility", "shapes_alignment"):
+    # (not shapes_alignment: this random pipeline draws noise, which the judge scores 0 on every candidate)
+    for select_by in ("compressibility", "sharpness"):
         res = best_of_n(
             cands.images, cands.scores, select_by, ns, judge=cands.judge, tags=[it.tag for it in items], steps=STEPS
         )
