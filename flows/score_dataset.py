@@ -25,6 +25,7 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows._records import FLOW_RESULTS, abs_uri, publish
 from miroflow import stages
 from miroflow.config import Params, ScoreConfig, StorageConfig, resolve_params
 from miroflow.data.shards import read_manifest
@@ -108,26 +109,26 @@ def score_shard_task(
 def write_manifest_task(params: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:
     """Write the local score manifest from the shard results; returns a small summary."""
     r = stages.write_scores(Params.model_validate(params), [ShardScore.from_dict(x) for x in results])
-    return {"path": r.manifest, "tables": r.num_tables, "num_rows": r.num_rows}
+    return {"path": abs_uri(str(r.manifest)), "tables": r.num_tables, "num_rows": r.num_rows}
 
 
 @task(name="bin")
 def bin_task(params: dict[str, Any]) -> dict[str, Any]:
     """Fit the bins from the score manifest; returns ``{"path", "hash", "rewards": {name: n}}``."""
     r = stages.bin_scores(Params.model_validate(params))
-    return {"path": r.path, "hash": r.hash, "rewards": r.counts}
+    return {"path": abs_uri(r.path), "hash": r.hash, "rewards": r.counts}
 
 
-@flow(name="score-dataset", log_prints=True)
+@flow(name="score-dataset", log_prints=True, **FLOW_RESULTS)
 def score_dataset(
-    params_file: str = "params.yaml", overrides: list[str] | None = None, params: Params | None = None
+    params_file: str | None = "params.yaml", overrides: list[str] | None = None, params: Params | None = None
 ) -> dict[str, Any]:
     """Score every shard of the dataset, write the score manifest, then fit the bins.
 
     Args:
-        params_file: params.yaml to load (ignored when ``params`` is given).
-        overrides: DVC-style ``section.key=value`` overrides applied on top.
-        params: a full typed config (the Prefect UI renders it as a form).
+        params_file: params.yaml to load first (empty: the code defaults).
+        overrides: DVC-style ``section.key=value`` overrides, applied last.
+        params: typed config form; only the fields you set are merged onto ``params_file``'s values.
 
     Returns:
         ``{"shards": n, "scored": n, "skipped": n, "failures": n, "manifest": {...}, "bins": {...}}``.
@@ -146,7 +147,7 @@ def score_dataset(
     results = [f.result() for f in futures]
     manifest = write_manifest_task(p.model_dump(mode="json"), results)  # direct calls: run in the flow's process
     bins = bin_task(p.model_dump(mode="json"))
-    return {
+    out = {
         "shards": len(results),
         "scored": sum(1 for r in results if not r["skipped"]),
         "skipped": sum(1 for r in results if r["skipped"]),
@@ -154,6 +155,11 @@ def score_dataset(
         "manifest": manifest,
         "bins": bins,
     }
+    facts = {k: out[k] for k in ("shards", "scored", "skipped", "failures")}
+    facts |= {"rows": manifest["num_rows"], "score manifest": f"`{manifest['path']}`", "bins": f"`{bins['path']}`"}
+    rows = [{"reward": k, "values fitted": n, "bins": p.score.num_bins} for k, n in bins["rewards"].items()]
+    publish("score-dataset", p, facts, rows, title=f"score-dataset {p.data.manifest}")
+    return out
 
 
 def dask_cluster_kwargs(cfg: ScoreConfig, dask_host: str | None = None) -> dict[str, Any]:
@@ -194,4 +200,4 @@ def make_task_runner(cfg: ScoreConfig, dask_host: str | None = None) -> Any:
 
 def run(params: Params) -> dict[str, Any]:
     """Run :func:`score_dataset` with the task runner ``params.score`` asks for."""
-    return score_dataset.with_options(task_runner=make_task_runner(params.score))(params=params)
+    return score_dataset.with_options(task_runner=make_task_runner(params.score))(params_file=None, params=params)

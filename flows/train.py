@@ -10,6 +10,7 @@ from typing import Any
 
 from prefect import flow, task
 
+from flows._records import FLOW_RESULTS, abs_uri, check_params, forward_metrics, mlflow_ref, publish, rounded
 from miroflow import stages
 from miroflow.config import Params, resolve_params
 
@@ -18,13 +19,28 @@ __all__ = ["train_model", "train_task"]
 
 @task(name="train")
 def train_task(params: dict[str, Any], resume: bool = False, max_steps: int | None = None) -> dict[str, Any]:
-    """Train one model; returns the TrainResult (checkpoint, loss, steps, MLflow run id, manifest)."""
-    return stages.train(Params.model_validate(params), resume=resume, max_steps=max_steps).to_dict()
+    """Train one model; returns the TrainResult (checkpoint, loss, steps, MLflow run id, manifest).
+
+    The loss (every ``train.log_every`` steps) goes to this task's Prefect run log."""
+    with forward_metrics():
+        out = stages.train(Params.model_validate(params), resume=resume, max_steps=max_steps).to_dict()
+    out["checkpoint"] = abs_uri(out.get("checkpoint"))
+    return out
 
 
-@flow(name="train", log_prints=True)
+def train_facts(p: Params, trained: dict[str, Any]) -> dict[str, Any]:
+    """Summary lines of one training: rounded loss, steps, absolute checkpoint URI, MLflow run."""
+    return {
+        f"{trained.get('run_name', p.train.run_name)} loss": rounded(trained.get("loss")),
+        "steps": trained.get("steps"),
+        "checkpoint": f"`{abs_uri(trained.get('checkpoint'))}`",
+        "MLflow training run": mlflow_ref(p, trained.get("mlflow_run_id")),
+    }
+
+
+@flow(name="train", log_prints=True, **FLOW_RESULTS)
 def train_model(
-    params_file: str = "params.yaml",
+    params_file: str | None = "params.yaml",
     overrides: list[str] | None = None,
     params: Params | None = None,
     resume: bool = True,
@@ -33,14 +49,17 @@ def train_model(
     """Train a MIRO model (or the baseline with ``train.rewards=[]``) and register it in MLflow.
 
     Args:
-        params_file: params.yaml to load (ignored when ``params`` is given).
-        overrides: DVC-style ``section.key=value`` overrides.
-        params: a full typed config (rendered as a form in the Prefect UI).
+        params_file: params.yaml to load first (empty: the code defaults).
+        overrides: DVC-style ``section.key=value`` overrides, applied last.
+        params: typed config form; only the fields you set are merged onto ``params_file``'s values.
         resume: continue from the latest complete checkpoint of ``train.run_name`` if there is one.
-        max_steps: stop early (smoke runs).
+        max_steps: stop early after this many steps (smoke runs); empty: ``train.steps``.
     """
     p = resolve_params(params_file, overrides, params)
-    return train_task(p.model_dump(mode="json"), resume=resume, max_steps=max_steps)
+    check_params(p)
+    out = train_task(p.model_dump(mode="json"), resume=resume, max_steps=max_steps)
+    publish("train", p, train_facts(p, out), [{"run": p.train.run_name, "loss": out.get("loss")}])
+    return out
 
 
 if __name__ == "__main__":

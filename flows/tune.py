@@ -8,6 +8,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
+from flows._records import FLOW_RESULTS, abs_uri, mlflow_ref, publish, rounded
 from miroflow.config import Params, resolve_params
 from miroflow.storage import join_uri
 from miroflow.tune_stage import tune_targets as run_tune_targets
@@ -29,9 +30,10 @@ def tune_targets_task(params: dict[str, Any], run_name: str) -> dict[str, Any]:
         r.beats_default,
         r.output,
     )
+    output = abs_uri(r.output) or r.output
     return {
-        "output": r.output,
-        "tune_json": join_uri(r.output, "tune.json"),
+        "output": output,
+        "tune_json": join_uri(output, "tune.json"),
         "summary": r.summary,
         "study_name": r.study_name,
         "storage": r.storage,
@@ -46,9 +48,9 @@ def tune_targets_task(params: dict[str, Any], run_name: str) -> dict[str, Any]:
     }
 
 
-@flow(name="tune-targets", log_prints=True)
+@flow(name="tune-targets", log_prints=True, **FLOW_RESULTS)
 def tune_targets(
-    params_file: str = "params.yaml",
+    params_file: str | None = "params.yaml",
     overrides: list[str] | None = None,
     params: Params | None = None,
     trials: int | None = None,
@@ -56,11 +58,36 @@ def tune_targets(
     """Search a checkpoint's reward-target vector (and ω) with Optuna; held-out check of the best vector.
 
     Args:
-        params_file: params.yaml to load (ignored when ``params`` is given).
-        overrides: DVC-style ``section.key=value`` overrides applied on top.
-        params: a full typed config (the Prefect UI renders it as a form; ``tune`` is its search section).
-        trials: the study's trial budget (``tune.trials``), when given.
+        params_file: params.yaml to load first (empty: the code defaults).
+        overrides: DVC-style ``section.key=value`` overrides, applied last.
+        params: typed config form (``tune`` is its search section); only the fields you set are merged onto
+            ``params_file``'s values.
+        trials: the study's trial budget (``tune.trials``); empty: the params' value.
     """
     extra = [f"tune.trials={trials}"] if trials is not None else []
     p = resolve_params(params_file, [*(overrides or []), *extra], params)
-    return tune_targets_task(p.model_dump(mode="json"), run_name=p.train.run_name)
+    out = tune_targets_task(p.model_dump(mode="json"), run_name=p.train.run_name)
+    held = out.get("heldout") or {}
+    facts = {
+        "trials": f"{out['n_trials']} ({out['new_trials']} new)",
+        "best trial": out["best"].get("trial"),
+        "best objective": rounded(out["best"].get("value")),
+        "held-out best - default": rounded((held.get("difference") or {}).get("mean")),
+        "beats default": out["beats_default"],
+        "tune.json": f"`{out['tune_json']}`",
+        "MLflow search run": mlflow_ref(p, out.get("parent_run_id")),
+    }
+    rows = [
+        {"vector": "best", "held-out mean": (held.get("best") or {}).get("mean"), **_targets(out["best"])},
+        {"vector": "default", "held-out mean": (held.get("default") or {}).get("mean")},
+    ]
+    publish("tune-targets", p, facts, rows)
+    return out
+
+
+def _targets(vector: dict[str, Any]) -> dict[str, Any]:
+    """``target/<reward>`` columns (and ω) of a reward-target vector."""
+    cols = {f"target/{k}": rounded(v) for k, v in (vector.get("reward_targets") or {}).items()}
+    if vector.get("guidance_scale") is not None:
+        cols["guidance_scale"] = rounded(vector["guidance_scale"])
+    return cols

@@ -32,6 +32,7 @@ __all__ = [
     "apply_overrides",
     "format_validation_error",
     "resolve_params",
+    "form_values",
     "SHAPES_DEFAULT_REWARDS",
     "IMPORT_DEFAULT_REWARDS",
     "SHAPES_DEFAULT_SELECT_BY",
@@ -594,6 +595,74 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
         raise ParamsError(source, format_validation_error(err)) from None
 
 
+def form_values(model: BaseModel) -> dict[str, Any]:
+    """The part of a (typed-form) params model the user set: a nested JSON dict of the fields in each
+    section's ``model_fields_set`` whose value differs from the code default, recursively per section.
+
+    A form may submit every field pre-filled with its code default; those are not "set", so they never
+    mask the value of the params file. (To put a field back to its code default over a file that says
+    otherwise, use an override.)
+    """
+    out: dict[str, Any] = {}
+    fields = type(model).model_fields
+    for name in sorted(model.model_fields_set):
+        if name not in fields:
+            continue
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            sub = form_values(value)
+            if sub:
+                out[name] = sub
+            continue
+        field = fields[name]
+        if not field.is_required() and value == field.get_default(call_default_factory=True):
+            continue
+        out[name] = model.model_dump(mode="json", include={name})[name]
+    return out
+
+
+def _override_keys(overrides: list[str]) -> list[tuple[str, str]]:
+    """``(dotted key, item)`` of each well-formed ``KEY=VALUE`` override."""
+    return [(item.split("=", 1)[0].strip(), item) for item in overrides if "=" in item]
+
+
+def _blame_overrides(err: ValidationError, overrides: list[str]) -> list[str]:
+    """One problem line per validation error, prefixed with the override(s) that caused it
+    (the override whose key is the error's dotted location, or a prefix of it, or under it)."""
+    keys = _override_keys(overrides)
+    lines = []
+    for e, line in zip(err.errors(), format_validation_error(err), strict=True):
+        loc = ".".join(str(p) for p in e["loc"])
+        hit = [
+            item for key, item in keys if loc and (loc == key or loc.startswith(key + ".") or key.startswith(loc + "."))
+        ]
+        lines.append(f"{', '.join(hit or [i for _, i in keys])}: {line}")
+    return lines
+
+
 def resolve_params(params_file: str | Path | None, overrides: list[str] | None, params: Params | None = None) -> Params:
-    """Flow/CLI parameter resolution: a given ``params`` object plus overrides, else the file plus overrides."""
-    return apply_overrides(params, overrides) if params is not None else load_params(params_file, overrides)
+    """Flow/CLI parameter resolution: ``params_file``, then the typed ``params`` as a partial, then ``overrides``.
+
+    - ``params_file`` (``None``: code defaults) is loaded and validated on its own: its problems name the file.
+    - ``params`` (the Prefect form) is a *partial*: only :func:`form_values` (fields set to something other
+      than the code default) are merged onto the file's values; problems are reported as ``params (form)``.
+    - ``overrides`` (``section.key=value``) are applied last; a problem names the override
+      (``overrides: train.lr=abc: train.lr: Input should be a valid number ...``), not the file.
+
+    Raises:
+        ParamsError: listing every problem of the first layer that fails.
+    """
+    merged = load_params(params_file).model_dump(mode="json", exclude_unset=True)
+    if params is not None:
+        merged = _deep_merge(merged, form_values(params))
+        try:
+            Params.model_validate(merged)
+        except ValidationError as err:
+            raise ParamsError("params (form)", format_validation_error(err)) from None
+    if not overrides:
+        return Params.model_validate(merged)
+    merged = _deep_merge(merged, parse_overrides(overrides))
+    try:
+        return Params.model_validate(merged)
+    except ValidationError as err:
+        raise ParamsError("overrides", _blame_overrides(err, list(overrides))) from None

@@ -25,8 +25,20 @@ records nothing and is what every caller gets with ``tracking.enabled: false`` o
         with tracker.child_run("omega=1.0", params={"omega": 1.0}) as child:
             child.log_metrics({"reward/sharpness": 0.7}, step=0)
 
+Default tags (:mod:`miroflow.tracking.context`): every run also carries ``dvc.stage`` under ``dvc repro``,
+the tags of ``$MIROFLOW_RUN_TAGS`` (a JSON object) and those of registered tag providers (the Prefect
+flows add the flow-run id, URL and flow name); logged metrics are echoed to the logger
+``miroflow.tracking.metrics``.
 """
 
+from miroflow.tracking.context import (
+    METRICS_LOGGER,
+    RUN_TAGS_ENV,
+    default_run_tags,
+    echo_metrics,
+    register_tag_provider,
+    unregister_tag_provider,
+)
 from miroflow.tracking.redact import (
     MAX_PARAM_VALUE_LENGTH,
     MAX_TAG_VALUE_LENGTH,
@@ -61,4 +73,10 @@ __all__ = [
     "is_secret_key",
     "git_info",
     "file_sha256",
+    "default_run_tags",
+    "register_tag_provider",
+    "unregister_tag_provider",
+    "echo_metrics",
+    "RUN_TAGS_ENV",
+    "METRICS_LOGGER",
 ]

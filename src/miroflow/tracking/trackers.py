@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from miroflow.tracking.context import default_run_tags, echo_metrics
 from miroflow.tracking.redact import (
     MAX_TAG_VALUE_LENGTH,
     flatten_params,
@@ -118,7 +119,8 @@ class NullTracker:
         """Drop params."""
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
-        """Drop metrics."""
+        """Drop metrics (only echoed to the ``miroflow.tracking.metrics`` logger)."""
+        echo_metrics(metrics, step)
 
     def log_image(self, image: np.ndarray, key: str, step: int = 0) -> None:
         """Drop an image."""
@@ -205,7 +207,8 @@ class MlflowTracker:
         log.debug("mlflow run %s: logged %d params", self.run_id, len(items))
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
-        """Log scalar metrics at ``step`` in one batch (tensors/numpy scalars are converted with ``float``)."""
+        """Log scalar metrics at ``step`` in one batch (tensors/numpy scalars are converted with ``float``);
+        also echoed to the ``miroflow.tracking.metrics`` logger (:func:`~miroflow.tracking.context.echo_metrics`)."""
         from mlflow.entities import Metric  # lazy: mlflow takes seconds to import; untracked runs never need it
 
         if isinstance(step, bool) or int(step) != step:
@@ -220,6 +223,7 @@ class MlflowTracker:
             items.append(Metric(sanitize_key(str(k)), value, ts, int(step)))
         for i in range(0, len(items), _METRICS_PER_BATCH):
             self.client.log_batch(self.run_id, metrics=items[i : i + _METRICS_PER_BATCH], synchronous=True)
+        echo_metrics(metrics, int(step))
 
     def log_image(self, image: np.ndarray, key: str, step: int = 0) -> None:
         """Log one frame of the image series ``key`` at ``step`` (MLflow's step slider in the UI).
@@ -327,7 +331,8 @@ def create_run(
         MLFLOW_PARENT_RUN_ID,
     )  # lazy: mlflow takes seconds to import; untracked runs never need it
 
-    all_tags = {str(k): truncate(scalar_str(v), MAX_TAG_VALUE_LENGTH) for k, v in redact(dict(tags or {})).items()}
+    given = {**default_run_tags(), **dict(tags or {})}  # DVC stage, MIROFLOW_RUN_TAGS, flow-run tags
+    all_tags = {str(k): truncate(scalar_str(v), MAX_TAG_VALUE_LENGTH) for k, v in redact(given).items()}
     if parent_run_id:
         all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
     run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
