@@ -51,7 +51,7 @@ test-all: install lint
 	PREFECT_HOME=$$(mktemp -d) $(VENV)/bin/pytest -q -m "slow or not slow"
 
 bench: install
-	$(PY) benchmarks/scoring.py
+	$(PY) benchmarks/bench.py --size tiny
 
 clean-work:
 	rm -rf work manifests/*.json

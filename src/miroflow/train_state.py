@@ -46,6 +46,7 @@ __all__ = [
     "teardown_dist",
     "check_train_config",
     "lr_lambda",
+    "precision_context",
     "create_train_state",
     "train_state_dict",
     "save_train_checkpoint",
@@ -162,6 +163,24 @@ def check_train_config(tp: TrainConfig, world: int) -> None:
         )
 
 
+def precision_context(device: torch.device, mixed_precision: str) -> AbstractContextManager[Any]:
+    """The autocast of ``train.mixed_precision`` on ``device`` (around the forward; the loss is fp32).
+
+    ``"bf16"``: bf16 autocast on any device (CUDA, or CPU where torch's CPU autocast runs the matmuls
+    in bf16); ``"auto"``: bf16 on CUDA, fp32 elsewhere (so CPU runs stay bit-identical to ``"no"``);
+    ``"no"``: fp32.
+
+    Raises:
+        ValueError: any other value (names ``train.mixed_precision``).
+    """
+    if mixed_precision not in ("auto", "no", "bf16"):
+        raise ValueError(f"train.mixed_precision: {mixed_precision!r} is not one of 'auto', 'no', 'bf16'")
+    bf16 = mixed_precision == "bf16" or (mixed_precision == "auto" and device.type == "cuda")
+    if not bf16:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
 def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
     """LR factor of a scheduler step: linear warm-up to 1, then cosine from 1 down to ``min_ratio`` at ``total``."""
 
@@ -233,7 +252,9 @@ class TrainState:
     ``shape`` is one sample's model-space ``(C, h, w)``; ``rows`` this rank's rows of a global batch;
     ``micro`` the samples of one micro-batch on this rank; ``empty`` the empty caption's embedding
     (``tokens [L, D]`` fp16, ``mask [L]``, ``pooled [Dp]``) for text dropout with precomputed text;
-    ``fwd`` the (DDP-wrapped, optionally compiled) ``net``; ``ema_net`` receives the EMA weights on save.
+    ``fwd`` the (DDP-wrapped) ``net`` whose denoiser is compiled in place when ``train.compile``;
+    ``autocast`` the context of ``train.mixed_precision`` (:func:`precision_context`); ``ema_net``
+    receives the EMA weights on save.
     """
 
     params: Params
@@ -276,7 +297,7 @@ def create_train_state(
     storage: Storage | None = None,
     tracker: Tracker | None = None,
 ) -> TrainState:
-    """Build the nets, EMA, AdamW, LR schedule, DDP/compile wrapper and batch order around ``inputs``;
+    """Build the nets, EMA, AdamW, LR schedule, DDP wrapper (and the compiled denoiser) and batch order around ``inputs``;
     a resumed run restores optimiser, scheduler, EMA, torch RNG and step from ``inputs.resume``.
 
     Raises:
@@ -315,12 +336,13 @@ def create_train_state(
             torch.cuda.set_rng_state(ts["rng"]["cuda"], device)
         step, last_loss = int(ts["step"]), float(ts.get("last_loss", float("nan")))
         _check_order(ts.get("data", {}), _order_of(inputs.data))
+    if tp.compile:
+        net.denoiser.compile()  # in place: same module, same state-dict keys; the text encoder stays eager
     ddp: nn.Module = net
     if ctx.world > 1:
         ddp = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    fwd: Callable[..., Tensor] = torch.compile(ddp) if tp.compile else ddp  # type: ignore[assignment]
-    bf16 = device.type == "cuda" and tp.mixed_precision in ("auto", "bf16")
-    autocast: AbstractContextManager[Any] = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
+    fwd: Callable[..., Tensor] = ddp
+    autocast = precision_context(device, tp.mixed_precision)
     empty = None
     if inputs.frozen is not None:
         e = inputs.frozen.encode([""])

@@ -118,9 +118,8 @@ def demo(params: Params, steps: int = 600, echo: Echo = _quiet, manifests: str |
     b_means, m_means = evals[0].reward_means(), evals[1].reward_means()
     for r, m in m_means.items():
         echo(f"    {r:18s} {_fmt(b_means.get(r))}  {_fmt(m)}")
-    sp = derive(
-        params,
-        train={"run_name": "demo-miro"},
+    sp = derive(  # the MIRO run's own params: its checkpoint folder is addressed by them
+        miro,
         eval={"num_prompts": 12, "images_per_prompt": 2, "steps": 20},
         sweep={"guidance_scales": [0, 0.5], "target_values": [0, 0.5, 1], "best_of_n": [1, 2, 4]},
     )

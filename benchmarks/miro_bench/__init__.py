@@ -1,0 +1,1 @@
+"""The sections of ``benchmarks/bench.py`` (run that script; this package is not installed)."""
