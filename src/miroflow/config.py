@@ -224,6 +224,14 @@ class TrainConfig(_Section):
     sample_steps: int = Field(20, ge=1, description="Euler steps for training-time samples.")
 
 
+def _unit_interval(v: tuple[float, float], rule: str) -> tuple[float, float]:
+    """``v`` when ``0 <= lo < hi <= 1``, else a ValueError stating ``rule``."""
+    lo, hi = v
+    if not (0.0 <= lo < hi <= 1.0):
+        raise ValueError(f"[{lo}, {hi}] must satisfy {rule}")
+    return v
+
+
 class EvalConfig(_Section):
     """The evaluate stage."""
 
@@ -262,10 +270,7 @@ class EvalConfig(_Section):
     @field_validator("guidance_interval")
     @classmethod
     def _guidance_interval(cls, v: tuple[float, float]) -> tuple[float, float]:
-        lo, hi = v
-        if not (0.0 <= lo < hi <= 1.0):
-            raise ValueError(f"[{lo}, {hi}] must satisfy 0 <= t_lo < t_hi <= 1 (flow time, 1 = noise)")
-        return v
+        return _unit_interval(v, "0 <= t_lo < t_hi <= 1 (flow time, 1 = noise)")
 
 
 class SweepConfig(_Section):
@@ -368,10 +373,7 @@ class TuneConfig(_Section):
     @field_validator("target_range")
     @classmethod
     def _target_range(cls, v: tuple[float, float]) -> tuple[float, float]:
-        lo, hi = v
-        if not (0.0 <= lo < hi <= 1.0):
-            raise ValueError(f"[{lo}, {hi}] must satisfy 0 <= low < high <= 1")
-        return v
+        return _unit_interval(v, "0 <= low < high <= 1")
 
     @field_validator("guidance_range")
     @classmethod

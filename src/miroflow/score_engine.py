@@ -51,6 +51,7 @@ from miroflow.data.score_tables import (
     TABLE_FORMAT,
     ScoreError,
     ScoreInputError,
+    TableCheck,
     check_score_table,
     failures_uri,
     table_bytes,
@@ -338,6 +339,21 @@ class _Inline:
         """Nothing to stop."""
 
 
+def skipped_result(shard_uri: str, out_uri: str, check: TableCheck) -> dict[str, Any]:
+    """The :func:`score_shard` result for an intact, up-to-date table (``check`` of ``out_uri``)."""
+    assert check.meta is not None
+    log.info("shard %s already scored in %s; skipped", shard_uri, out_uri)
+    return {
+        "shard": shard_uri,
+        "uri": out_uri,
+        "n": int(check.meta.get("n", -1)),
+        "failures": int(check.meta.get("failures", 0)),
+        "failures_uri": failures_uri(out_uri),
+        "sha256": check.sha256 if check.verified else None,
+        "skipped": True,
+    }
+
+
 def score_shard(
     shard_uri: str,
     rewards: list[Reward],
@@ -384,16 +400,7 @@ def score_shard(
         same_rewards = meta["rewards"] == reward_versions(rewards)  # same names and versions (order-free)
         same_shard = expected_sha256 is None or meta.get("shard_sha256") == expected_sha256
         if same_rewards and same_shard:
-            log.info("shard %s already scored in %s; skipped", shard_uri, out_uri)
-            return {
-                "shard": shard_uri,
-                "uri": out_uri,
-                "n": int(meta.get("n", -1)),
-                "failures": int(meta.get("failures", 0)),
-                "failures_uri": fail_uri,
-                "sha256": check.sha256 if check.verified else None,
-                "skipped": True,
-            }
+            return skipped_result(shard_uri, out_uri, check)
         log.info(
             "shard %s: existing table %s is stale (rewards %s, want %s); rescoring",
             shard_uri,

@@ -37,7 +37,7 @@ from miroflow.data.score_tables import (
     table_hash_uri,
 )
 from miroflow.rewards import reward_versions
-from miroflow.score_engine import score_shard, shard_stem
+from miroflow.score_engine import score_shard, shard_stem, skipped_result
 from miroflow.storage import NotFoundError, Storage, join_uri, parse_uri, sha256_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -150,7 +150,9 @@ def score_shard_incremental(
         and current.meta.get("rewards") == versions
         and (expected_sha256 is None or current.meta.get("shard_sha256") == expected_sha256)
     )
-    donors, tables = ({}, {}) if up_to_date else _donors(out_uri, versions, expected_sha256, storage)
+    if up_to_date:  # the table is already checked: do not read it a second time in score_shard
+        return {**skipped_result(shard_uri, out_uri, current), "reused": [], "scored": []}
+    donors, tables = _donors(out_uri, versions, expected_sha256, storage)
     if not donors:
         res = score_shard(shard_uri, rewards, out_uri, storage, batch_size, progress, expected_sha256)
         return {**res, "reused": [], "scored": [] if res["skipped"] else list(versions)}
