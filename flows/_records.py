@@ -45,6 +45,7 @@ __all__ = [
     "mlflow_ref",
     "abs_uri",
     "rounded",
+    "hacking_fact",
 ]
 
 #: Flow options: results persisted as JSON (never pickle) under ``PREFECT_LOCAL_STORAGE_PATH``
@@ -245,3 +246,13 @@ def schema_with_code_defaults(schema: dict[str, Any]) -> dict[str, Any]:
             prop["default"] = defaults[key]
         definition["properties"] = props
     return out
+
+
+def hacking_fact(flags: Sequence[str] | None, shown: int = 3) -> str:
+    """The summary line of the reward-hacking monitor (docs/hacking.md): ``none`` or the count and the
+    first ``shown`` flags, one per line."""
+    flags = list(flags or [])
+    if not flags:
+        return "none"
+    more = f"<br>… and {len(flags) - shown} more (MLflow tag `hacking.flags`)" if len(flags) > shown else ""
+    return f"**{len(flags)}**: " + "<br>".join(flags[:shown]) + more

@@ -10,7 +10,16 @@ from typing import Any
 
 from prefect import flow, task
 
-from flows._records import FLOW_RESULTS, abs_uri, check_params, forward_metrics, mlflow_ref, publish, rounded
+from flows._records import (
+    FLOW_RESULTS,
+    abs_uri,
+    check_params,
+    forward_metrics,
+    hacking_fact,
+    mlflow_ref,
+    publish,
+    rounded,
+)
 from miroflow import stages
 from miroflow.config import Params, resolve_params
 
@@ -35,6 +44,7 @@ def train_facts(p: Params, trained: dict[str, Any]) -> dict[str, Any]:
         "steps": trained.get("steps"),
         "checkpoint": f"`{abs_uri(trained.get('checkpoint'))}`",
         "MLflow training run": mlflow_ref(p, trained.get("mlflow_run_id")),
+        f"{trained.get('run_name', p.train.run_name)} reward-hacking flags": hacking_fact(trained.get("hacking_flags")),
     }
 
 

@@ -19,6 +19,7 @@ Entry points:
   ``summary.json`` layout of :func:`miroflow.evaluate.run_evaluate`, what the study keeps per run);
 * :func:`point_from_values` — an :class:`EvalPoint` from per-image values (rewards, judge verdicts);
 * :func:`monitor_sweep` — each ω / target grid of a ``sweep.json`` in order of its swept value;
+* :func:`monitor_best_of_n` — a best-of-N result along its N grid;
 * :class:`TrainingMonitor` — the hook at a training run's eval points (the EMA sample grid);
 * :func:`flag_tags`, :func:`figure` — the MLflow tags and the plot with flagged intervals shaded.
 """
@@ -53,6 +54,9 @@ __all__ = [
     "point_from_values",
     "monitor_evals",
     "monitor_sweep",
+    "monitor_best_of_n",
+    "best_of_n_points",
+    "DEFAULT_AGAINST",
     "sweep_point",
     "sweep_figure",
     "flag_tags",
@@ -66,6 +70,10 @@ log = logging.getLogger(__name__)
 JUDGE = "judge_accuracy"
 #: Default number of standard errors a change must exceed to count.
 DEFAULT_K = 2.0
+#: Metrics whose fall is a flag by default: the judge only. Rewards that oppose each other by nature
+#: (a cleaner image is sharper and compresses worse) move apart in ordinary training, so a reward
+#: falling while another rises is a flag only for the rewards a caller names (docs/hacking.md).
+DEFAULT_AGAINST: tuple[str, ...] = (JUDGE,)
 #: Sweep grids the monitor walks, in order of their swept value ``x``.
 SWEEP_GRIDS = ("guidance", "target")
 
@@ -272,7 +280,10 @@ def _check_same_metrics(points: Sequence[EvalPoint]) -> list[str]:
 
 
 def monitor_evals(
-    points: Sequence[EvalPoint | Mapping[str, Any] | Any], k: float = DEFAULT_K, min_delta: float = 0.0
+    points: Sequence[EvalPoint | Mapping[str, Any] | Any],
+    k: float = DEFAULT_K,
+    min_delta: float = 0.0,
+    against: Sequence[str] | None = DEFAULT_AGAINST,
 ) -> list[Flag]:
     """Flags between each pair of consecutive ``points`` (in the order given).
 
@@ -290,12 +301,16 @@ def monitor_evals(
     Other keys (``overall``, ``n_images``, setup) are ignored; the judge's value is the mean over
     categories (= ``overall``). An :class:`~miroflow.results.EvalSummary` works as is.
 
-    A flag is raised for every reward ``r`` and every other metric ``q`` (a reward or the judge) with
+    A flag is raised for every reward ``r`` and every other metric ``q`` in ``against`` with
     ``Δr > k·SE(Δr)`` and ``−Δq > k·SE(Δq)`` (both also ``> min_delta``), ``SE(Δ) = sqrt(SE_A² + SE_B²)``.
+    ``against`` names the metrics whose fall counts: :data:`JUDGE` (the default: only the judge) and/or
+    reward names; ``None`` = every metric (any reward against any other). The judge in ``against`` is
+    skipped when the points carry no judge (an unjudged domain then flags nothing by default).
 
     Raises:
         HackingInputError: ``k <= 0``, ``min_delta < 0``, a point without samples (``n = 0``), a bad
-            value, or a reward (or the judge) that some points report and others do not (names it).
+            value, a reward (or the judge) that some points report and others do not (names it), or a
+            name in ``against`` that no point reports (names it and lists the metrics).
     """
     if not math.isfinite(k) or k <= 0:
         raise HackingInputError(f"hacking: k must be a finite number > 0, got {k}")
@@ -303,17 +318,32 @@ def monitor_evals(
         raise HackingInputError(f"hacking: min_delta must be >= 0, got {min_delta}")
     pts = [as_point(p, i) for i, p in enumerate(points)]
     names = _check_same_metrics(pts)
+    watched = _watched(names, against) if pts else set()
     flags: list[Flag] = []
     for a, b in zip(pts, pts[1:]):
         delta = {
             m: (b.metrics[m].mean - a.metrics[m].mean, math.hypot(a.metrics[m].se, b.metrics[m].se)) for m in names
         }
         up = [m for m in names if m != JUDGE and delta[m][0] > k * delta[m][1] and delta[m][0] > min_delta]
-        down = [m for m in names if -delta[m][0] > k * delta[m][1] and -delta[m][0] > min_delta]
+        down = [m for m in names if m in watched and -delta[m][0] > k * delta[m][1] and -delta[m][0] > min_delta]
         for r in up:
             for q in down:
                 flags.append(Flag(r, q, *delta[r], *delta[q], a.where, b.where, a.x, b.x, float(k)))
     return flags
+
+
+def _watched(names: Sequence[str], against: Sequence[str] | None) -> set[str]:
+    """The metrics of ``names`` whose fall counts (see :func:`monitor_evals`); names a bad entry."""
+    if against is None:
+        return set(names)
+    if isinstance(against, str):
+        raise HackingInputError(f"hacking: against must be a list of metric names, got the string {against!r}")
+    unknown = [a for a in against if a not in names and a != JUDGE]
+    if unknown:
+        raise HackingInputError(
+            f"hacking: against names {unknown[0]!r}, which no evaluation reports; metrics: {', '.join(names)}"
+        )
+    return {a for a in against if a in names}
 
 
 def sweep_point(pt: Mapping[str, Any]) -> dict[str, Any]:
@@ -334,7 +364,9 @@ def sweep_point(pt: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def monitor_sweep(points: Sequence[Mapping[str, Any]], k: float = DEFAULT_K) -> dict[str, list[Flag]]:
+def monitor_sweep(
+    points: Sequence[Mapping[str, Any]], k: float = DEFAULT_K, against: Sequence[str] | None = DEFAULT_AGAINST
+) -> dict[str, list[Flag]]:
     """Flags of each sweep grid (``guidance``: ω, ``target``: the target value) along its points
     sorted by ``x``; a grid with fewer than two points has none.
 
@@ -349,8 +381,44 @@ def monitor_sweep(points: Sequence[Mapping[str, Any]], k: float = DEFAULT_K) -> 
     for kind in SWEEP_GRIDS:
         grid = sorted((p for p in points if p.get("kind") == kind), key=lambda p: float(p["x"]))
         if grid:
-            out[kind] = monitor_evals([sweep_point(p) for p in grid], k) if len(grid) >= 2 else []
+            out[kind] = monitor_evals([sweep_point(p) for p in grid], k, against=against) if len(grid) >= 2 else []
     return out
+
+
+def best_of_n_points(result: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The points of a best-of-N result (:func:`miroflow.tts_stats.best_of_n`, ``tts.json``'s
+    ``best_of_n``) in the :func:`monitor_evals` layout, one per N (``where`` = ``best-of-<N>``, ``x`` = N).
+
+    The judge enters per category when the points carry ``accuracy_by_tag`` and ``n_by_tag``.
+
+    Raises:
+        HackingInputError: no ``points``, or a point without ``n`` or ``rewards``.
+    """
+    pts = result.get("points")
+    if not isinstance(pts, Sequence) or not pts:
+        raise HackingInputError("hacking: best-of-N result has no points (a tts.json older than per-N points?)")
+    out = []
+    for i, pt in enumerate(pts):
+        if not isinstance(pt, Mapping) or "n" not in pt or "rewards" not in pt:
+            raise HackingInputError(f"hacking: best-of-N point #{i} needs n and rewards {{name: {{mean, std, n}}}}")
+        doc: dict[str, Any] = {"where": f"best-of-{pt['n']}", "x": pt["n"], "rewards": pt["rewards"]}
+        if pt.get("accuracy_by_tag") and isinstance(pt.get("n_by_tag"), Mapping):
+            doc["accuracy"], doc["n_judged"] = pt["accuracy_by_tag"], pt["n_by_tag"]
+        out.append(doc)
+    return out
+
+
+def monitor_best_of_n(
+    result: Mapping[str, Any], k: float = DEFAULT_K, against: Sequence[str] | None = DEFAULT_AGAINST
+) -> list[Flag]:
+    """Flags along a best-of-N result's N grid: selecting by ``select_by`` raises that reward by
+    construction, so a flag here says the selection trades the judge (or a named reward) for it.
+
+    The candidate sets are nested (best of 2 includes best of 1's candidate), so the images of two N
+    are paired and the unpaired SE of :func:`monitor_evals` is conservative. The selecting reward
+    itself is never a falling metric here (it cannot fall by construction).
+    """
+    return monitor_evals(best_of_n_points(result), k, against=against)
 
 
 # --------------------------------------------------------------------------- reporting
@@ -401,11 +469,18 @@ def sweep_figure(
     title: str,
     xlabels: Mapping[str, str],
     k: float = DEFAULT_K,
+    best_of_n: Mapping[str, Any] | None = None,
 ) -> Figure | None:
     """The plot of :func:`monitor_sweep`'s result: one panel per grid with at least two points (sorted
-    by ``x``, labelled ``xlabels[kind]``); ``None`` when there is none."""
-    panels = []
+    by ``x``, labelled ``xlabels[kind]``), plus the ``best_of_n`` result's panel when ``by_grid`` has
+    ``"best_of_n"`` flags for it (:func:`monitor_best_of_n`); ``None`` when there is no panel."""
+    panels: list[tuple[Sequence[Any], Sequence[Flag], str, str]] = []
     for kind, flags in by_grid.items():
+        if kind == "best_of_n":
+            if best_of_n is not None and len(best_of_n.get("points") or []) >= 2:
+                pts = [as_point(p, i) for i, p in enumerate(best_of_n_points(best_of_n))]
+                panels.append((pts, flags, f"{title}: best-of-N by {best_of_n.get('select_by')}", "N"))
+            continue
         grid = sorted((p for p in points if p.get("kind") == kind), key=lambda p: float(p["x"]))
         if len(grid) >= 2:
             panels.append(([sweep_point(p) for p in grid], flags, f"{title}: {kind}", xlabels.get(kind, "x")))
@@ -444,11 +519,19 @@ class TrainingMonitor:
     cannot use is logged as a warning and tag ``hacking.error``, never failing the training.
     """
 
-    def __init__(self, tracker: Tracker, reward_names: Sequence[str], judged: bool, k: float = DEFAULT_K) -> None:
+    def __init__(
+        self,
+        tracker: Tracker,
+        reward_names: Sequence[str],
+        judged: bool,
+        k: float = DEFAULT_K,
+        against: Sequence[str] | None = DEFAULT_AGAINST,
+    ) -> None:
         self.tracker = tracker
         self.reward_names = list(reward_names)
         self.judged = judged
         self.k = k
+        self.against = against
         self.points: list[EvalPoint] = []
         self.flags: list[Flag] = []
 
@@ -461,7 +544,7 @@ class TrainingMonitor:
                 verdicts = None  # no sample prompt the judge parses: rewards only
             vals = _per_image_rewards(self.reward_names, images, prompts)
             point = point_from_values(f"step {step}", float(step), vals, verdicts)
-            new = monitor_evals([self.points[-1], point], self.k) if self.points else []
+            new = monitor_evals([self.points[-1], point], self.k, against=self.against) if self.points else []
         except HackingInputError as err:
             log.warning("hacking monitor at step %d: %s", step, err)
             self.tracker.set_tags({"hacking.error": one_line(err)})

@@ -186,7 +186,9 @@ class EmbedResult(Result):
 @dataclass(frozen=True)
 class TrainResult(Result):
     """The train stage: final (or latest) checkpoint and the tracking ids; ``ema_decay`` is the decay the
-    last EMA update applied (the effective one with ``train.ema_warmup``; None in manifests that predate it)."""
+    last EMA update applied (the effective one with ``train.ema_warmup``; None in manifests that predate it);
+    ``hacking_flags`` the reward-hacking monitor's flags at this call's eval points, one line each
+    (docs/hacking.md; empty in manifests that predate it)."""
 
     run_name: str
     kind: str
@@ -198,6 +200,12 @@ class TrainResult(Result):
     model_version: str | None
     manifest: str | None
     ema_decay: float | None = None
+    hacking_flags: tuple[str, ...] = ()
+
+    @classmethod
+    def _convert(cls, d: dict[str, Any]) -> dict[str, Any]:
+        d["hacking_flags"] = tuple(d.get("hacking_flags") or ())
+        return d
 
 
 @dataclass(frozen=True)

@@ -265,7 +265,7 @@ def run_sweep(
 
     # ---- plots: to the sweep's output dir and as artifacts of the parent run
     figures = _figures(results, tts, grids, prompts_shown, run_label, sw.target_reward, sw.select_by)
-    hack_tags, hack_fig = _hacking(results, notes, run_label, sw.target_reward)
+    hack_tags, hack_fig = _hacking(results, notes, run_label, sw.target_reward, tts)
     if hack_fig is not None:
         figures["hacking.png"] = hack_fig
     for fname, fig in figures.items():
@@ -296,13 +296,20 @@ def run_sweep(
 
 
 def _hacking(
-    results: list[dict[str, Any]], notes: list[str], run_label: str, target_reward: str | None
+    results: list[dict[str, Any]],
+    notes: list[str],
+    run_label: str,
+    target_reward: str | None,
+    tts: dict[str, Any] | None = None,
 ) -> tuple[dict[str, str], "Figure | None"]:
-    """The reward-hacking monitor over the ω and target grids (docs/hacking.md): each flag goes to the
-    point that ends its interval (``hacking_flags``) and to ``notes``; returns the parent's tags and the
-    plot (``None`` when no grid has two points). A sweep the monitor cannot read is noted, not failed."""
+    """The reward-hacking monitor over the ω and target grids and the best-of-N grid (docs/hacking.md):
+    each flag goes to the point that ends its interval (``hacking_flags``; best-of-N flags to
+    ``tts["hacking_flags"]``) and to ``notes``; returns the parent's tags and the plot (``None`` when no
+    grid has two points). A sweep the monitor cannot read is noted, not failed."""
     try:
         by_grid = hacking.monitor_sweep(results, hacking.DEFAULT_K)
+        if tts is not None and len(tts.get("points") or []) >= 2:
+            by_grid["best_of_n"] = hacking.monitor_best_of_n(tts, hacking.DEFAULT_K)
     except hacking.HackingInputError as err:
         log.warning("sweep: %s", err)
         notes.append(f"hacking monitor skipped: {err}")
@@ -311,9 +318,11 @@ def _hacking(
     for pt in results:
         if pt["kind"] in by_grid:
             pt["hacking_flags"] = [f.to_dict() for f in by_grid[pt["kind"]] if f.end == pt["name"]]
+    if tts is not None and "best_of_n" in by_grid:
+        tts["hacking_flags"] = [f.to_dict() for f in by_grid["best_of_n"]]
     notes.extend(f"hacking: {f.text()}" for f in flags)
     xlabels = {"guidance": "guidance scale ω", "target": f"target {target_reward}"}
-    return hacking.flag_tags(flags), hacking.sweep_figure(results, by_grid, run_label, xlabels)
+    return hacking.flag_tags(flags), hacking.sweep_figure(results, by_grid, run_label, xlabels, best_of_n=tts)
 
 
 def _series(points: list[dict[str, Any]]) -> dict[str, list[float | None]]:

@@ -78,7 +78,8 @@ def _embeds_manifest(params: Params) -> Path:
 class TrainOutput:
     """What :func:`run_train` returns: the last checkpoint URI (``<run>/final`` when ``train.steps`` was
     reached), the last global-batch loss, the step reached, this call's wall time, its per-step losses and
-    the EMA decay of the last EMA update (None before the first)."""
+    the EMA decay of the last EMA update (None before the first) and the reward-hacking flags raised at
+    this call's eval points (:class:`~miroflow.hacking.Flag` texts, docs/hacking.md)."""
 
     checkpoint: str
     loss: float
@@ -86,6 +87,7 @@ class TrainOutput:
     wall_time_s: float
     losses: tuple[float, ...]
     ema_decay: float | None = None
+    hacking_flags: tuple[str, ...] = ()
 
 
 def resolve_reward_names(params: Params) -> tuple[list[str], BinSet | None]:
@@ -412,4 +414,5 @@ def run_train(
         wall_time_s=time.time() - t0,
         losses=tuple(losses),
         ema_decay=ema_decay_at(n_ema, state.ema.decay, state.ema.warmup) if n_ema >= 1 else None,
+        hacking_flags=tuple(f.text() for f in monitor.flags),
     )

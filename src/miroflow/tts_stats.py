@@ -107,7 +107,8 @@ def best_of_n(
         ``compute`` {``steps``, ``guidance_scale``, ``branches``, and per N lists
         ``denoiser_evals_per_image``, ``selection_reward_calls_per_image``, ``reward_calls_per_image``},
         ``points`` (one dict per N: ``n``, ``rewards`` {name: {mean, std, n}}, ``accuracy``,
-        ``judge_score``, ``overall``, ``accuracy_by_tag`` and the compute numbers), and with images
+        ``judge_score``, ``overall``, ``accuracy_by_tag``, ``n_by_tag`` (judged prompts per category) and the
+        compute numbers), and with images
         ``images``: ``np.ndarray [len(ns), P, H, W, 3]`` (not JSON; dropped by :func:`~miroflow.tts.run_tts`).
 
     Raises:
@@ -190,6 +191,7 @@ def best_of_n(
                 acc_tag = {t: float(np.mean(v)) for t, v in by_tag.items()}
                 overall = float(np.mean(list(acc_tag.values()))) if acc_tag else None
                 point["accuracy_by_tag"] = acc_tag
+                point["n_by_tag"] = {t: len(v) for t, v in by_tag.items()}  # judged prompts: the monitor's noise
                 point["overall"] = overall
                 curves["overall"].append(overall)
         if "judge_score" in jud:

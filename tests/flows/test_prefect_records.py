@@ -88,6 +88,7 @@ def test_pipeline_flow_run_is_linked_to_its_mlflow_runs(
     md = str(by_type["markdown"].data)
     assert train_id in md and mlflow_server in md
     assert str(tmp_path) in md  # absolute checkpoint / eval URIs
+    assert "records reward-hacking flags" in md  # the monitor's verdict on the training run (docs/hacking.md)
     table = by_type["table"].data
     rows = json.loads(table) if isinstance(table, str) else table
     assert rows[0]["run"] == "records" and "reward/sharpness" in rows[0]

@@ -54,9 +54,87 @@ def test_a_reward_rising_while_the_judge_falls_is_flagged_with_exact_deltas_and_
     assert flag.fall == pytest.approx(-0.3) and flag.fall_se == pytest.approx(math.hypot(se_a, se_b))
     assert flag.text().startswith("sharpness +0.200 ± 0.014 while judge_accuracy -0.300 ± 0.061 (step 100")
     assert Flag.from_dict(flag.to_dict()) == flag
-    # one reward rising while another falls is flagged too (pairs: every riser x every faller)
-    flags = monitor_evals([a, _summary("B", 0.60, (0.6, 0.5), contrast=0.3)])
-    assert {(f.rose, f.fell) for f in flags} == {("sharpness", JUDGE), ("sharpness", "contrast")}
+    # by default only the judge's fall counts: rewards that oppose each other by nature move apart in
+    # ordinary training; naming a reward in `against` (or None = every metric) flags reward pairs too
+    b = _summary("B", 0.60, (0.6, 0.5), contrast=0.3)
+    assert {(f.rose, f.fell) for f in monitor_evals([a, b])} == {("sharpness", JUDGE)}
+    assert {(f.rose, f.fell) for f in monitor_evals([a, b], against=None)} == {
+        ("sharpness", JUDGE),
+        ("sharpness", "contrast"),
+    }
+    assert {(f.rose, f.fell) for f in monitor_evals([a, b], against=["contrast"])} == {("sharpness", "contrast")}
+
+
+def test_opposed_rewards_alone_raise_no_flag_by_default() -> None:
+    """The demo's false alarm: noise (a cleanliness reward) up, compressibility down, judge steady."""
+    a = _summary("step 200", 0.5, (0.8, 0.7))
+    a["rewards"]["noise"], a["rewards"]["compressibility"] = (
+        {"mean": 0.70, "std": 0.05, "n": 4},
+        {
+            "mean": 0.30,
+            "std": 0.02,
+            "n": 4,
+        },
+    )
+    b = _summary("step 400", 0.5, (0.8, 0.7))
+    b["rewards"]["noise"], b["rewards"]["compressibility"] = (
+        {"mean": 0.92, "std": 0.05, "n": 4},
+        {
+            "mean": 0.15,
+            "std": 0.02,
+            "n": 4,
+        },
+    )
+    assert monitor_evals([a, b]) == []
+    (flag,) = monitor_evals([a, b], against=["compressibility"])
+    assert (flag.rose, flag.fell) == ("noise", "compressibility")
+
+
+@pytest.mark.parametrize(
+    ("against", "match"),
+    [(["sharpnes"], "against names 'sharpnes', which no evaluation reports"), ("judge_accuracy", "must be a list")],
+)
+def test_a_bad_against_name_is_named(against: Any, match: str) -> None:
+    a, b = _summary("A", 0.4, (0.9, 0.8)), _summary("B", 0.6, (0.6, 0.5))
+    with pytest.raises(HackingInputError, match=match):
+        monitor_evals([a, b], against=against)
+
+
+def test_an_unjudged_domain_flags_nothing_by_default_and_named_rewards_when_asked() -> None:
+    def pt(sharp: float, contrast: float) -> dict[str, Any]:
+        return {k: v for k, v in _summary("p", sharp, (0.5, 0.5), contrast=contrast).items() if k != "accuracy"}
+
+    assert monitor_evals([pt(0.4, 0.5), pt(0.6, 0.3)]) == []
+    assert [(f.rose, f.fell) for f in monitor_evals([pt(0.4, 0.5), pt(0.6, 0.3)], against=["contrast"])] == [
+        ("sharpness", "contrast")
+    ]
+
+
+def test_best_of_n_selection_that_trades_the_judge_is_flagged() -> None:
+    """Selecting by a reward on real best-of-N statistics: the judge falls with N -> a flag at that N."""
+    from miroflow.tts_stats import best_of_n
+
+    rng = np.random.default_rng(0)
+    p, n_max = 60, 8
+    sharp = rng.uniform(0, 1, (p, n_max))
+    # the sharper a candidate, the likelier it is wrong: selecting by sharpness hacks the judge
+    correct = (rng.uniform(0, 1, (p, n_max)) > sharp).astype(float)
+    tags = ["single_object" if i % 2 else "two_object" for i in range(p)]
+    res = best_of_n({"sharpness": sharp}, select_by="sharpness", ns=[1, 8], judge={"correct": correct}, tags=tags)
+    assert res["points"][0]["n_by_tag"] == {"two_object": 30, "single_object": 30}
+    (flag,) = hacking.monitor_best_of_n(res)
+    assert (flag.rose, flag.fell, flag.start, flag.end) == ("sharpness", JUDGE, "best-of-1", "best-of-8")
+    # candidates whose correctness does not depend on sharpness: no flag
+    fair = best_of_n(
+        {"sharpness": sharp},
+        select_by="sharpness",
+        ns=[1, 8],
+        judge={"correct": (rng.uniform(0, 1, (p, n_max)) > 0.5).astype(float)},
+        tags=tags,
+    )
+    assert hacking.monitor_best_of_n(fair) == []
+    with pytest.raises(HackingInputError, match="best-of-N result has no points"):
+        hacking.monitor_best_of_n({"select_by": "sharpness"})
 
 
 def test_rising_together_or_within_noise_raises_no_flag_and_k_sets_the_threshold() -> None:
@@ -272,8 +350,14 @@ def test_training_monitor_flags_a_grid_that_turns_to_texture_on_real_rewards_and
     mon = hacking.TrainingMonitor(tracker, ["sharpness", "contrast", "shapes_alignment"], judged=True)
     assert mon.observe(10, _images(clean), prompts) == [] and tracker.tags == {} and tracker.metrics == []
     new = mon.observe(20, _images(stripes), prompts)
-    assert {("sharpness", JUDGE), ("sharpness", "shapes_alignment")} <= {(f.rose, f.fell) for f in new}
+    assert {(f.rose, f.fell) for f in new} == {("sharpness", JUDGE), ("contrast", JUDGE)}  # judge-only default
     assert all((f.start, f.end) == ("step 10", "step 20") for f in new)
+    # declared pairs: the alignment reward falling counts too when named
+    named = hacking.TrainingMonitor(
+        RecordingTracker(), ["sharpness", "shapes_alignment"], True, against=[JUDGE, "shapes_alignment"]
+    )
+    named.observe(10, _images(clean), prompts)
+    assert ("sharpness", "shapes_alignment") in {(f.rose, f.fell) for f in named.observe(20, _images(stripes), prompts)}
     assert mon.observe(30, _images(stripes), prompts) == []  # nothing moved
     assert tracker.metrics == [(20, {"hacking/flags": float(len(new))}), (30, {"hacking/flags": 0.0})]
     assert tracker.tags["hacking.flags"] == str(len(new)) and tracker.tags["hacking.flagged"] == "true"

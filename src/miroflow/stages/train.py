@@ -73,6 +73,7 @@ def train(
             model_version=version,
             manifest=str(path) if path is not None else None,
             ema_decay=out.ema_decay,
+            hacking_flags=out.hacking_flags,
         )
     write_result(result, path)
     return result

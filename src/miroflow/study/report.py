@@ -431,6 +431,7 @@ def hacking_lines(study: Mapping[str, Any]) -> list[str]:
     hk = study.get("hacking") or {}
     groups = [(f"run `{n}` (convergence, by step)", d) for n, d in (hk.get("curves") or {}).items()]
     groups += [(f"{kind} sweep (by x)", d) for kind, d in (hk.get("sweeps") or {}).items()]
+    groups += [(f"best-of-N of {label} (by N)", d) for label, d in (hk.get("best_of_n") or {}).items()]
     out: list[str] = []
     for label, d in groups:
         if d.get("error"):
@@ -448,9 +449,10 @@ def _hacking_md(study: Mapping[str, Any]) -> list[str]:
     lines = hacking_lines(study)
     L = [
         "## Reward-hacking flags\n",
-        f"`miroflow.hacking.monitor_evals` (k = {hk.get('k', 2.0):g}): between consecutive evaluations, a reward rising "
-        "by more than k SE while the judge or another reward falls by more than k SE. Sweep points share seeds, "
-        "so the test is conservative there.\n",
+        f"`miroflow.hacking.monitor_evals` (k = {hk.get('k', 2.0):g}): between consecutive evaluations (training "
+        "checkpoints by step, sweep points by swept value, best-of-N selections by N), a reward rising by more than "
+        f"k SE while {' or '.join(hk.get('against') or ['judge_accuracy'])} falls by more than k SE. Sweep points "
+        "and best-of-N candidates share seeds, so the test is conservative there.\n",
     ]
     L += [f"- {x}" for x in lines] if lines else ["- no flags"]
     L.append("")

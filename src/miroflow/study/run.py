@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from miroflow import hacking
 from miroflow.config import Params
 from miroflow.models import create_denoiser
 from miroflow.storage import Storage, from_config, join_uri
@@ -31,6 +32,7 @@ from miroflow.study.runner import (
     stage_sweeps,
     stage_train,
     stage_tts,
+    tts_flags,
     write_json,
 )
 from miroflow.tracking import tracked_run
@@ -99,7 +101,13 @@ def run_study(
         study["schedules"] = schedules
         study["schedule_verdict"] = report.schedule_verdict(schedules, list(plan.rewards)) if schedules else None
         study["judge_floor"] = _judge_floor(plan.params.data.resolution)
-        study["hacking"] = {"k": 2.0, "curves": curve_flags(ev), "sweeps": sweeps.get("hacking", {})}
+        study["hacking"] = {
+            "k": 2.0,
+            "against": list(hacking.DEFAULT_AGAINST),
+            "curves": curve_flags(ev),
+            "sweeps": sweeps.get("hacking", {}),
+            "best_of_n": tts_flags(tts),
+        }
         study["compute"] = _compute(run, train, t_start, threads, load, prior)
         study["notes"] = report.notes(study) + list(cfg.notes.get(size, []))
         figs = report.write_figures(study, sample_images(run, train), out / "figures")

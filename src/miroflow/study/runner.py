@@ -324,6 +324,42 @@ def _candidates(
     return {name: grid(name) for name in rewards}, judge, tags
 
 
+def _select_all(run: StudyRun, st: Storage, output: str, ns: Sequence[int]) -> dict[str, Any]:
+    """Best-of-N selected by each of the study's rewards from a tts stage's ``candidates.jsonl``:
+    ``{reward: {"ns", "curves", "compute", "points"}}`` (points: per-N reward stats and judged counts,
+    what the reward-hacking monitor reads)."""
+    plan = run.plan
+    scores, judge, tags = _candidates(st, output, plan.rewards)
+    by: dict[str, Any] = {}
+    for sel in plan.rewards:
+        r = best_of_n(
+            scores,
+            select_by=sel,
+            ns=ns,
+            judge=judge,
+            tags=tags,
+            steps=plan.sz.eval_steps,
+            guidance_scale=plan.cfg.guidance_scale,
+        )
+        by[sel] = {"ns": r["ns"], "curves": r["curves"], "compute": r["compute"], "points": r["points"]}
+    return by
+
+
+def tts_flags(tts: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Reward-hacking flags of every best-of-N curve of the study (``{"<label> by <reward>": {"flags",
+    "error"}}``): selecting by one reward must not lower the judge beyond noise."""
+    out: dict[str, dict[str, Any]] = {}
+    for label, doc in tts.items():
+        for sel, r in (doc.get("select_by") or {}).items():
+            try:
+                flags = hacking.monitor_best_of_n(r, k=hacking.DEFAULT_K)
+            except hacking.HackingInputError as err:
+                out[f"{label} by {sel}"] = {"flags": [], "error": str(err)}
+                continue
+            out[f"{label} by {sel}"] = {"flags": [dataclasses.asdict(f) for f in flags], "error": None}
+    return out
+
+
 def stage_tts(run: StudyRun, train: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """Best-of-N of the MIRO and baseline runs (first seed of each): ``stages.tts`` generates and scores
     the candidates once; selecting by every reward then reuses its ``candidates.jsonl``."""
@@ -346,24 +382,17 @@ def stage_tts(run: StudyRun, train: Mapping[str, Mapping[str, Any]]) -> dict[str
                 "seed": ev.seed,
             }
             doc = read_json(st, uri)
+            cand = join_uri(plan.root, "tts", name)
             if doc is None or any(doc.get(k) != v for k, v in key.items()):
                 p = derive(plan.tts, eval={"checkpoint": ckpt}, train={"run_name": name})
                 with run.parent.child_run(f"tts-{name}", tags={"study.kind": "tts", "study.run": name}) as tr:
-                    res = stages.tts(p, out_uri=join_uri(plan.root, "tts", name), storage=st, tracker=tr)
-                scores, judge, tags = _candidates(st, res.output, plan.rewards)
-                by = {}
-                for sel in plan.rewards:
-                    r = best_of_n(
-                        scores,
-                        select_by=sel,
-                        ns=cfg.best_of_n,
-                        judge=judge,
-                        tags=tags,
-                        steps=plan.sz.eval_steps,
-                        guidance_scale=cfg.guidance_scale,
-                    )
-                    by[sel] = {"ns": r["ns"], "curves": r["curves"], "compute": r["compute"]}
-                doc = {**key, "run": name, "n_prompts": res.n_prompts, "select_by": by}
+                    res = stages.tts(p, out_uri=cand, storage=st, tracker=tr)
+                doc = {**key, "run": name, "n_prompts": res.n_prompts, "output": res.output, "select_by": {}}
+            if doc["select_by"].keys() != set(plan.rewards) or any(
+                "points" not in b for b in doc["select_by"].values()
+            ):
+                # selection is pure numpy over the stored candidates: redone (no sampling) when a field is new
+                doc["select_by"] = _select_all(run, st, doc.get("output") or cand, ns)
                 write_json(st, uri, doc)
             out[label] = doc
     return out
