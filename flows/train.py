@@ -38,13 +38,15 @@ def train_task(params: dict[str, Any], resume: bool = False, max_steps: int | No
 
 
 def train_facts(p: Params, trained: dict[str, Any]) -> dict[str, Any]:
-    """Summary lines of one training: rounded loss, steps, absolute checkpoint URI, MLflow run."""
+    """Summary lines of one training: rounded loss, steps, absolute checkpoint URI, MLflow run; each label
+    starts with the run name, so the pipeline's summary keeps the lines of every run (MIRO and baseline)."""
+    name = trained.get("run_name", p.train.run_name)
     return {
-        f"{trained.get('run_name', p.train.run_name)} loss": rounded(trained.get("loss")),
-        "steps": trained.get("steps"),
-        "checkpoint": f"`{abs_uri(trained.get('checkpoint'))}`",
-        "MLflow training run": mlflow_ref(p, trained.get("mlflow_run_id")),
-        f"{trained.get('run_name', p.train.run_name)} reward-hacking flags": hacking_fact(trained.get("hacking_flags")),
+        f"{name} loss": rounded(trained.get("loss")),
+        f"{name} steps": trained.get("steps"),
+        f"{name} checkpoint": f"`{abs_uri(trained.get('checkpoint'))}`",
+        f"{name} MLflow training run": mlflow_ref(p, trained.get("mlflow_run_id")),
+        f"{name} reward-hacking flags": hacking_fact(trained.get("hacking_flags")),
     }
 
 
