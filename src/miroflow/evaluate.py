@@ -44,6 +44,7 @@ from PIL import Image
 from miroflow.checkpoint import latest_checkpoint, run_uri
 from miroflow.config import Params, ScoreConfig
 from miroflow.content_keys import addressed
+from miroflow.eval_report import log_eval_report
 from miroflow.pipeline import GuidanceDecay, GuidanceSchedule, MiroPipeline, load_pipeline
 from miroflow.prompts import PromptItem, load_prompt_set
 from miroflow.results import eval_metrics
@@ -407,6 +408,7 @@ def run_evaluate(
     tracker.log_dict(summary, "eval/summary.json")
     if grid is not None:
         tracker.log_image(grid, key="eval/samples", step=spec.step or 0)
+    log_eval_report(tracker, summary)  # per-category tables + bar plot
     return summary
 
 
