@@ -222,7 +222,8 @@ def test_train_and_evaluate_tracked_in_postgres(project: Path, mlflow_pg: Mlflow
         " WHERE e.name = %s ORDER BY r.start_time",
         (experiment,),
     )
-    assert rows == [(train_id, "pg-tiny", "FINISHED"), (eval_id, "eval-pg-tiny", "FINISHED")]
+    names = {"train": tr.info.run_name, "eval": er.info.run_name}  # unique names: <stage>-<run>-...-<6 hex>
+    assert rows == [(train_id, names["train"], "FINISHED"), (eval_id, names["eval"], "FINISHED")]
     parent = pg.query(DATABASE, "SELECT value FROM tags WHERE run_uuid = %s AND key = 'mlflow.parentRunId'", (eval_id,))
     assert parent == [(train_id,)]
     steps = pg.query(

@@ -177,6 +177,8 @@ def test_shapes_evaluation_reports_per_category_accuracy(tmp_path: Path, pipe: M
     assert tracker.metrics["eval/overall"] == pytest.approx(saved["overall"])
     assert tracker.dicts["eval/summary.json"] == saved
     assert tracker.images and tracker.images[0][0] == "eval/samples"
+    h, w = tracker.images[0][1][:2]  # 12 prompts in 3 rows of 4, each 32 px sample upscaled 4x, captioned
+    assert w == 4 * (128 + 4) + 4 and h > 3 * (128 + 4)
     # ... and the per-category tables and the bar plot (miroflow.eval_report)
     acc = tracker.dicts["eval/accuracy_table.json"]
     assert acc["category"] == [*sorted(CATEGORIES), "overall"] and acc["n_judged"] == [2] * 6 + [12]
