@@ -58,7 +58,7 @@ from miroflow.data.scenes import CATEGORIES
 from miroflow.errors import InputError
 from miroflow.plots import new_figure, save_png
 from miroflow.storage import StorageError, from_config, join_uri
-from miroflow.tracking import resolve_tracking_uri, start_run
+from miroflow.tracking import RUN_NAME_TAG, resolve_tracking_uri, run_label, start_run
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from mlflow import MlflowClient
@@ -245,7 +245,8 @@ def _client(params: Params) -> tuple["MlflowClient", str]:
 
 
 def resolve_run(client: "MlflowClient", given: str, experiment: str) -> "Run":
-    """The MLflow run ``given`` names: a run id, else the newest run with that name in ``experiment``.
+    """The MLflow run ``given`` names: a run id, else the newest run of ``experiment`` whose plain name (tag
+    ``miroflow.run_name``, e.g. ``demo-miro``) or, failing that, MLflow name (``train-demo-miro-600steps-3f9a1c``) it is.
 
     Raises:
         CompareError: no such run (names the argument and the experiment).
@@ -266,12 +267,16 @@ def resolve_run(client: "MlflowClient", given: str, experiment: str) -> "Run":
     if "'" in text and '"' in text:
         raise CompareError(f"compare: run name {given!r} contains both quote characters")
     quote = '"' if "'" in text else "'"
-    found = client.search_runs(
-        [exp.experiment_id],
-        filter_string=f"attributes.run_name = {quote}{text}{quote}",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
+    found: list[Run] = []
+    for key in (f"tags.`{RUN_NAME_TAG}`", "attributes.run_name"):  # the plain name, then an MLflow name
+        found = client.search_runs(
+            [exp.experiment_id],
+            filter_string=f"{key} = {quote}{text}{quote}",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if found:
+            break
     if not found:
         raise CompareError(f"compare: no MLflow run with id or name {given!r} in experiment {experiment!r}")
     return found[0]
@@ -357,11 +362,11 @@ def _collect(client: "MlflowClient", params: Params, given: str, run: "Run") -> 
         train, ev = run, _newest_eval_child(client, run)
     data = RunData(
         given=given,
-        label=(train or run).info.run_name or run.info.run_id[:8],
+        label=run_label(train or run),
         eval_run_id=ev.info.run_id if ev else None,
         train_run_id=train.info.run_id if train else None,
-        eval_run_name=ev.info.run_name if ev else None,
-        train_run_name=train.info.run_name if train else None,
+        eval_run_name=run_label(ev) if ev else None,
+        train_run_name=run_label(train) if train else None,
     )
     if ev is not None:
         metrics = {k: float(v) for k, v in ev.data.metrics.items() if k.startswith("eval/")}

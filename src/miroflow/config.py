@@ -309,6 +309,14 @@ class TrackingConfig(_Section):
         None, description="Registered model name for the final checkpoint; null = do not register."
     )
     enabled: bool = Field(True, description="Log to MLflow at all.")
+    parent_run_id: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description=(
+            "MLflow run id under which every top-level run of this invocation nests; set by the pipeline flow "
+            "and the demo (null = top-level runs). Execution-only: it changes no output key."
+        ),
+    )
 
 
 class TuneConfig(_Section):

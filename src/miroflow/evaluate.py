@@ -44,6 +44,7 @@ from PIL import Image
 from miroflow.checkpoint import latest_checkpoint, run_uri
 from miroflow.config import Params, ScoreConfig
 from miroflow.content_keys import addressed
+from miroflow.eval_report import log_eval_report
 from miroflow.pipeline import GuidanceDecay, GuidanceSchedule, MiroPipeline, load_pipeline
 from miroflow.prompts import PromptItem, load_prompt_set
 from miroflow.results import eval_metrics
@@ -51,6 +52,7 @@ from miroflow.rewards import load_rewards
 from miroflow.rewards.shapes_judge import judge, parse_caption
 from miroflow.storage import Storage, from_config, join_uri
 from miroflow.tracking import NullTracker, Tracker
+from miroflow.tracking.images import captioned_grid
 from miroflow.util import png_bytes, resolve_device
 
 __all__ = [
@@ -405,8 +407,11 @@ def run_evaluate(
     tracker.set_tags({"eval.prompt_set": ev.prompt_set, "eval.checkpoint": str(checkpoint), "eval.output": out})
     tracker.log_metrics(eval_metrics(summary["accuracy"], summary["overall"], reward_means), step=spec.step or 0)
     tracker.log_dict(summary, "eval/summary.json")
-    if grid is not None:
-        tracker.log_image(grid, key="eval/samples", step=spec.step or 0)
+    if grid is not None:  # in MLflow: upscaled, each image's prompt under it (rows are in grid order)
+        captions = [r["prompt"] for r in rows if r["sample_index"] == 0][: len(grid_images)]
+        card = captioned_grid(np.stack(grid_images), captions, columns=4)
+        tracker.log_image(card, key="eval/samples", step=spec.step or 0)
+    log_eval_report(tracker, summary)  # per-category tables + bar plot
     return summary
 
 

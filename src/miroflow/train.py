@@ -35,7 +35,8 @@ from miroflow.hacking import TrainingMonitor
 from miroflow.models import create_codec, create_denoiser, create_text_encoder
 from miroflow.rewards import mean_normalized_scores
 from miroflow.storage import Storage, from_config, join_uri
-from miroflow.tracking import NullTracker, Tracker
+from miroflow.tracking import NullTracker, Tracker, log_config
+from miroflow.tracking.images import captioned_grid
 from miroflow.train_state import (
     TrainInputs,
     TrainState,
@@ -317,14 +318,16 @@ def _sample_grid(
 
 
 def log_samples(state: TrainState) -> tuple[Tensor, list[str]]:
-    """Log the EMA sample grid (``samples``) and the weight-free ``reward/<name>`` means at ``state.step``;
-    returns the samples (``[P, 3, H, W]`` in [0, 1]) and their prompts (for the hacking monitor)."""
+    """Log the EMA sample grid (image series ``samples``: each sample upscaled to >= 128 px with its
+    prompt under it, :func:`~miroflow.tracking.images.captioned_grid`) and the weight-free
+    ``reward/<name>`` means at ``state.step``; returns the samples (``[P, 3, H, W]`` in [0, 1]) and
+    their prompts (for the hacking monitor). Sampling draws from its own generator only."""
     state.ema.copy_to(state.ema_net.parameters())
     enc = state.ema_net.text if state.ema_net.text is not None else state.frozen
-    grid, images, prompts = _sample_grid(
+    _, images, prompts = _sample_grid(
         state.params, state.ema_net.denoiser, enc, state.codec, state.shape, state.reward_names, state.device
     )
-    state.tracker.log_image(grid, key="samples", step=state.step)
+    state.tracker.log_image(captioned_grid(images, prompts), key="samples", step=state.step)
     names = list(dict.fromkeys(state.reward_names + list(state.params.score.rewards)))
     state.tracker.log_metrics(_reward_means(names, images, prompts, state.scorers), state.step)
     return images, prompts
@@ -362,7 +365,7 @@ def run_train(
     state = build_train_state(params, storage, tracker or NullTracker(), resume)
     tp, main, tracker_ = params.train, state.dist.main, state.tracker
     if main:
-        tracker_.log_params(params.model_dump(mode="json"))
+        log_config(tracker_, params, "train")
         tracker_.set_tags(
             {
                 "run_name": tp.run_name,
@@ -376,6 +379,9 @@ def run_train(
     keys_log = _open_sample_log(tp.sample_log, state.dist.rank)
     names = list(dict.fromkeys(state.reward_names + list(params.score.rewards)))
     monitor = TrainingMonitor(tracker_, names, judged=params.data.domain == "shapes")  # docs/hacking.md
+    if main and state.step == 0:  # the image slider starts with the untrained model; the RNG state is restored
+        with torch.random.fork_rng(devices=[state.device] if state.device.type == "cuda" else []):
+            log_samples(state)
     while state.step < stop:
         ts0 = time.time()
         batch = make_batch(state)

@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from miroflow.cli import app
@@ -190,9 +192,13 @@ def test_train_and_evaluate_tracked_in_postgres(project: Path, mlflow_pg: Mlflow
     assert set(runs) == {train_id, eval_id}
     tr, er = runs[train_id], runs[eval_id]
     assert tr.info.status == er.info.status == "FINISHED"
-    assert tr.info.run_name == "pg-tiny" and er.info.run_name == "eval-pg-tiny"
+    assert tr.data.tags["miroflow.run_name"] == "pg-tiny" and er.data.tags["miroflow.run_name"] == "eval-pg-tiny"
+    assert tr.info.run_name.startswith(f"train-pg-tiny-{STEPS}steps-")
     assert tr.data.params["train.steps"] == str(STEPS) and tr.data.params["train.lr"] == "0.001"
-    assert tr.data.params["tracking.tracking_uri"] == mlflow_pg.url
+    assert "tracking.tracking_uri" not in tr.data.params  # a train run logs data/score/train params only
+    with tempfile.TemporaryDirectory() as tmp:  # ... and the whole config as params.yaml
+        doc = yaml.safe_load(Path(client.download_artifacts(train_id, "params.yaml", tmp)).read_text())
+    assert doc["tracking"]["tracking_uri"] == mlflow_pg.url
     assert er.data.params["eval.steps"] == "2"
     assert tr.data.tags["stage"] == "train" and er.data.tags["stage"] == "evaluate"
     assert er.data.tags["mlflow.parentRunId"] == train_id
@@ -216,7 +222,8 @@ def test_train_and_evaluate_tracked_in_postgres(project: Path, mlflow_pg: Mlflow
         " WHERE e.name = %s ORDER BY r.start_time",
         (experiment,),
     )
-    assert rows == [(train_id, "pg-tiny", "FINISHED"), (eval_id, "eval-pg-tiny", "FINISHED")]
+    names = {"train": tr.info.run_name, "eval": er.info.run_name}  # unique names: <stage>-<run>-...-<6 hex>
+    assert rows == [(train_id, names["train"], "FINISHED"), (eval_id, names["eval"], "FINISHED")]
     parent = pg.query(DATABASE, "SELECT value FROM tags WHERE run_uuid = %s AND key = 'mlflow.parentRunId'", (eval_id,))
     assert parent == [(train_id,)]
     steps = pg.query(

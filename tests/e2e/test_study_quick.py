@@ -140,7 +140,7 @@ def test_quick_study_end_to_end_and_resume(tmp_path: Path) -> None:
     exp = client.get_experiment_by_name(cfg.experiment)
     assert exp is not None
     runs = client.search_runs([exp.experiment_id], max_results=500)
-    parents = [r for r in runs if r.info.run_name == "study-quick"]
+    parents = [r for r in runs if r.data.tags.get("miroflow.run_name") == "study-quick"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     pid = parents[0].info.run_id
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == pid}
@@ -162,7 +162,7 @@ def test_quick_study_end_to_end_and_resume(tmp_path: Path) -> None:
     assert again["compute"]["stages_s"]["train"] < 0.5 * study["compute"]["stages_s"]["train"]
     assert again["final"] == study["final"]
     runs2 = client.search_runs([exp.experiment_id], max_results=500)
-    p2 = next(r for r in runs2 if r.info.run_name == "study-quick" and r.info.run_id != pid)
+    p2 = next(r for r in runs2 if r.data.tags.get("miroflow.run_name") == "study-quick" and r.info.run_id != pid)
     assert not any(
         r.info.run_name.startswith("train-") and r.data.tags.get("mlflow.parentRunId") == p2.info.run_id for r in runs2
     )

@@ -86,7 +86,8 @@ def test_evaluate_flow_writes_outputs_and_an_mlflow_run(
 
     client = MlflowClient(tracking_uri=uri)
     run = client.get_run(res["mlflow_run_id"])
-    assert run.info.run_name == "eval-flowmodel" and run.info.status == "FINISHED"
+    assert run.data.tags["miroflow.run_name"] == "eval-flowmodel" and run.info.status == "FINISHED"
+    assert run.info.run_name.startswith("eval-flowmodel-")
     assert run.data.metrics["eval/reward/sharpness"] == pytest.approx(summary["rewards"]["sharpness"]["mean"])
     assert run.data.params["eval.checkpoint"] == checkpoint
 

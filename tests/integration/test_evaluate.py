@@ -98,6 +98,12 @@ class RecordingTracker:
     def set_tags(self, tags: dict[str, str]) -> None:
         self.tags.update(tags)
 
+    def log_table(self, table: dict[str, list[Any]], artifact_file: str) -> None:
+        self.dicts[artifact_file] = {k: list(v) for k, v in table.items()}
+
+    def log_figure(self, fig: Any, artifact_file: str) -> None:
+        self.images.append((artifact_file, tuple(fig.get_size_inches())))
+
 
 def _read_png(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
@@ -171,6 +177,14 @@ def test_shapes_evaluation_reports_per_category_accuracy(tmp_path: Path, pipe: M
     assert tracker.metrics["eval/overall"] == pytest.approx(saved["overall"])
     assert tracker.dicts["eval/summary.json"] == saved
     assert tracker.images and tracker.images[0][0] == "eval/samples"
+    h, w = tracker.images[0][1][:2]  # 12 prompts in 3 rows of 4, each 32 px sample upscaled 4x, captioned
+    assert w == 4 * (128 + 4) + 4 and h > 3 * (128 + 4)
+    # ... and the per-category tables and the bar plot (miroflow.eval_report)
+    acc = tracker.dicts["eval/accuracy_table.json"]
+    assert acc["category"] == [*sorted(CATEGORIES), "overall"] and acc["n_judged"] == [2] * 6 + [12]
+    assert acc["accuracy"][-1] == pytest.approx(saved["overall"])
+    assert tracker.dicts["eval/rewards_table.json"]["reward"] == ["shapes_alignment", "sharpness"]
+    assert "eval/summary.png" in [k for k, _ in tracker.images]
 
 
 def test_images_do_not_depend_on_batch_size(pipe: MiroPipeline) -> None:

@@ -67,7 +67,8 @@ def test_sweep_logs_one_child_run_per_point_and_plots_on_the_parent(
     assert exp is not None
     parent_id = doc["parent_run_id"]
     parent = client.get_run(parent_id)
-    assert parent.info.run_name == "sweep-tiny-sweep" and parent.info.status == "FINISHED"
+    assert parent.data.tags["miroflow.run_name"] == "sweep-tiny-sweep" and parent.info.status == "FINISHED"
+    assert parent.info.run_name.startswith("sweep-tiny-sweep-")
     assert "mlflow.parentRunId" not in parent.data.tags
     children = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
     expected = [

@@ -355,8 +355,9 @@ def test_nested_child_runs_under_parent(client: MlflowClient) -> None:
             explicit_id = explicit.run_id
         parent_id, exp_id = parent.run_id, parent.experiment_id
     runs = client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
-    names = sorted(r.info.run_name for r in runs)
+    names = sorted(T.run_label(r) for r in runs)  # plain names (tag miroflow.run_name)
     assert names == ["explicit", "module-level", "nested", "omega=0.0", "omega=1.0"]
+    assert re.fullmatch(r"nested-[0-9a-f]{6}", client.get_run(nested_id).info.run_name)  # top-level: unique names
     assert {nested_id, explicit_id} <= {r.info.run_id for r in runs}
     assert all(r.info.status == "FINISHED" for r in runs)
     point = next(r for r in runs if r.info.run_name == "omega=1.0")

@@ -122,8 +122,9 @@ def test_loss_falls_and_metrics_are_logged(data_overrides: list[str]) -> None:
     assert decays[:3] == [0.0, 2 / 11, 3 / 12] and out.ema_decay == decays[-1] == 60 / 69
     assert any(k.startswith("loss/t_bin_") for k in step1)
     assert step1["loss"] == pytest.approx(losses[0])
-    key, step, grid = tracker.images[-1]
-    assert key == "samples" and step == 60 and grid.dtype == np.uint8 and grid.shape == (32, 32 * 4, 3)
+    assert [(key, step) for key, step, _ in tracker.images] == [("samples", 0), ("samples", 60)]  # from step 0
+    grid = tracker.images[-1][2]  # 4 samples upscaled 4x (nearest) side by side, captions under them
+    assert grid.dtype == np.uint8 and grid.shape[1] == 4 * (128 + 4) + 4 and grid.shape[0] > 128 + 8
     rewards = {k for _, m in tracker.metrics for k in m if k.startswith("reward/")}
     assert rewards == {f"reward/{n}" for n in params.score.rewards}
     assert [s for s, _ in list_checkpoints(run_uri(params), Storage())] == [50, 60]  # keep_last=2

@@ -100,7 +100,7 @@ def test_tune_targets_e2e_mlflow_children_optuna_resume_and_heldout(
     exp = client.get_experiment_by_name("tune-test")
     assert exp is not None and r.parent_run_id
     parent = client.get_run(r.parent_run_id)
-    assert parent.info.run_name == "tune-tiny-tune" and parent.info.status == "FINISHED"
+    assert parent.data.tags["miroflow.run_name"] == "tune-tiny-tune" and parent.info.status == "FINISHED"
     children = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{r.parent_run_id}'")
     trial_runs = {c.info.run_name: c for c in children if c.data.tags.get("tune.kind") == "trial"}
     assert sorted(trial_runs) == ["trial-0000", "trial-0001", "trial-0002"]

@@ -26,6 +26,7 @@ from miroflow.stages.data import bin_scores, embed, prepare, score
 from miroflow.stages.evaluate import evaluate, sweep
 from miroflow.stages.train import train
 from miroflow.storage import Storage
+from miroflow.tracking import pipeline_run
 
 __all__ = ["DEMO_MANIFESTS", "DataResult", "DemoResult", "data_stages", "demo"]
 
@@ -97,9 +98,20 @@ def demo(params: Params, steps: int = 600, echo: Echo = _quiet, manifests: str |
     evaluation, and a small sweep of the MIRO model (ω, the sweep target, best-of-N).
 
     Its manifests go to ``manifests`` (default :data:`DEMO_MANIFESTS`; ``None`` keeps the params'
-    own paths); object-store outputs share ``storage.root`` safely (content-addressed keys)."""
+    own paths); object-store outputs share ``storage.root`` safely (content-addressed keys).
+    Tracked as one parent MLflow run ``demo-<steps>steps-<6 hex>`` (tag ``stage=pipeline``) with the
+    training runs as its children (evaluations and the sweep nest under their training run)."""
     if manifests is not None:
         params = with_manifests(params, manifests)
+    with pipeline_run(sized(params, steps), "demo") as parent:  # logs the train section the demo runs
+        if parent is not None:
+            echo(f"[demo] MLflow parent run {parent}")
+            params = derive(params, tracking={"parent_run_id": parent})  # execution-only: no output moves
+        return _demo(params, steps, echo)
+
+
+def _demo(params: Params, steps: int, echo: Echo) -> DemoResult:
+    """:func:`demo`'s stages with ``params`` as given (manifests and parent run already set)."""
     data = data_stages(params, echo=echo)
     miro, base = pipeline_runs(sized(miro_of(params), steps), miro_name="demo-miro", baseline_name="demo-baseline")
     runs, evals = [], []

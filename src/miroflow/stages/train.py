@@ -10,7 +10,7 @@ from miroflow.preflight import PreflightError, preflight
 from miroflow.results import TrainResult
 from miroflow.stages._common import DEFAULT, run_manifest_path, write_result
 from miroflow.storage import Storage
-from miroflow.tracking import Tracker, tracked_run
+from miroflow.tracking import Tracker, tracked_run, unique_run_name
 from miroflow.train import run_train
 
 __all__ = ["train", "model_kind"]
@@ -39,6 +39,8 @@ def train(
     The final model is registered as ``tracking.register_model`` when set and training reached
     ``train.steps``: the version is tagged ``kind``/``run_name``/``steps`` and gets the alias
     ``candidate`` (MIRO) or ``baseline`` (:data:`REGISTRY_ALIASES`). The manifest (default ``<manifests>/train-<run name>.json``) is written on rank 0.
+    The MLflow run is named ``train-<run name>-<steps>steps-<6 hex>`` (tag ``miroflow.run_name`` = the run
+    name; nested under ``tracking.parent_run_id`` when set).
     ``tracker`` logs into that run instead of opening one (e.g. a study's child run); ``storage``
     defaults to one built from ``params.storage``.
     """
@@ -50,7 +52,12 @@ def train(
     run: AbstractContextManager[Tracker] = (
         nullcontext(tracker)
         if tracker is not None
-        else tracked_run(params, params.train.run_name, {"stage": "train", "model_kind": kind})
+        else tracked_run(
+            params,
+            params.train.run_name,
+            {"stage": "train", "model_kind": kind},
+            title=unique_run_name(f"train-{params.train.run_name}", f"{params.train.steps}steps"),
+        )
     )
     with run as tracker:
         out = run_train(params, storage=storage, tracker=tracker, resume=resume, max_steps=max_steps)

@@ -1,7 +1,9 @@
 """Experiment tracking with MLflow (docs/design.md §5, §7.9).
 
-One MLflow experiment per study (``params.tracking.experiment``), one run per training job, one
-child run per sweep point. Everything goes through :class:`mlflow.MlflowClient` with an explicit
+One MLflow experiment per study (``params.tracking.experiment``, created as a model-training
+experiment), one run per training job, one child run per sweep point, and one parent run per
+pipeline invocation (:func:`pipeline_run`; its id as ``tracking.parent_run_id`` nests every top-level
+run under it). Run names, logged params sections and artifacts: :mod:`miroflow.tracking.layout`. Everything goes through :class:`mlflow.MlflowClient` with an explicit
 run id (no fluent "active run" stack), so trackers can be used from several threads at once
 (Prefect's thread task runner).
 
@@ -39,6 +41,17 @@ from miroflow.tracking.context import (
     register_tag_provider,
     unregister_tag_provider,
 )
+from miroflow.tracking.layout import (
+    EXPERIMENT_KIND,
+    EXPERIMENT_KIND_TAG,
+    PARAMS_ARTIFACT,
+    RUN_NAME_TAG,
+    STAGE_SECTIONS,
+    log_config,
+    run_label,
+    stage_params,
+    unique_run_name,
+)
 from miroflow.tracking.redact import (
     MAX_PARAM_VALUE_LENGTH,
     MAX_TAG_VALUE_LENGTH,
@@ -49,7 +62,7 @@ from miroflow.tracking.redact import (
     redact_text,
 )
 from miroflow.tracking.registry import register_model
-from miroflow.tracking.runs import child_run, start_run, tracked_run
+from miroflow.tracking.runs import TrackingError, check_parent_run, child_run, pipeline_run, start_run, tracked_run
 from miroflow.tracking.trackers import MlflowTracker, NullTracker, Tracker
 from miroflow.tracking.uris import absolute_uri, default_artifact_location, file_sha256, git_info, resolve_tracking_uri
 
@@ -60,6 +73,18 @@ __all__ = [
     "tracked_run",
     "start_run",
     "child_run",
+    "pipeline_run",
+    "TrackingError",
+    "check_parent_run",
+    "RUN_NAME_TAG",
+    "EXPERIMENT_KIND_TAG",
+    "EXPERIMENT_KIND",
+    "PARAMS_ARTIFACT",
+    "STAGE_SECTIONS",
+    "stage_params",
+    "log_config",
+    "unique_run_name",
+    "run_label",
     "register_model",
     "REDACTED",
     "MAX_PARAM_VALUE_LENGTH",

@@ -6,7 +6,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import numpy as np
 
 from miroflow.tracking.context import default_run_tags, echo_metrics
+from miroflow.tracking.layout import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, RUN_NAME_TAG
 from miroflow.tracking.redact import (
     MAX_TAG_VALUE_LENGTH,
     flatten_params,
@@ -92,12 +93,14 @@ class Tracker(Protocol):
     the same kind; ``register_model`` returns the registered version (``None`` when not recorded).
     """
 
-    run_id: str | None
+    @property
+    def run_id(self) -> str | None: ...  # read-only here: MlflowTracker's is always a str
 
     def log_params(self, params: Mapping[str, Any]) -> None: ...
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None: ...
     def log_image(self, image: np.ndarray, key: str, step: int = 0) -> None: ...  # uint8 [H, W, 3]
     def log_dict(self, d: Mapping[str, Any], artifact_file: str) -> None: ...
+    def log_table(self, table: Mapping[str, Sequence[Any]], artifact_file: str) -> None: ...
     def log_figure(self, fig: Any, artifact_file: str) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def set_tags(self, tags: Mapping[str, str]) -> None: ...
@@ -127,6 +130,9 @@ class NullTracker:
 
     def log_dict(self, d: Mapping[str, Any], artifact_file: str) -> None:
         """Drop a dict artifact."""
+
+    def log_table(self, table: Mapping[str, Sequence[Any]], artifact_file: str) -> None:
+        """Drop a table."""
 
     def log_figure(self, fig: Any, artifact_file: str) -> None:
         """Drop a figure."""
@@ -196,17 +202,17 @@ class MlflowTracker:
         log.info("mlflow run %s ended: %s", self.run_id, status)
 
     # -------------------------------------------------------------- logging
-    def log_params(self, params: dict[str, Any]) -> None:
+    def log_params(self, params: Mapping[str, Any]) -> None:
         """Log ``params`` redacted, flattened to dotted keys, values truncated, in batches of 100."""
         from mlflow.entities import Param  # lazy: mlflow takes seconds to import; untracked runs never need it
 
-        flat = flatten_params(redact(params))
+        flat = flatten_params(redact(dict(params)))
         items = [Param(k, v) for k, v in flat.items()]
         for i in range(0, len(items), _PARAMS_PER_BATCH):
             self.client.log_batch(self.run_id, params=items[i : i + _PARAMS_PER_BATCH], synchronous=True)
         log.debug("mlflow run %s: logged %d params", self.run_id, len(items))
 
-    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         """Log scalar metrics at ``step`` in one batch (tensors/numpy scalars are converted with ``float``);
         also echoed to the ``miroflow.tracking.metrics`` logger (:func:`~miroflow.tracking.context.echo_metrics`)."""
         from mlflow.entities import Metric  # lazy: mlflow takes seconds to import; untracked runs never need it
@@ -238,11 +244,25 @@ class MlflowTracker:
             raise ValueError(f"image key {key!r} may only contain letters, digits, _ - . / and spaces")
         self.client.log_image(self.run_id, arr, key=key, step=int(step), synchronous=True)
 
-    def log_dict(self, d: dict[str, Any], artifact_file: str) -> None:
+    def log_dict(self, d: Mapping[str, Any], artifact_file: str) -> None:
         """Write ``d`` (redacted) as a JSON/YAML artifact (by the file's extension)."""
-        self.client.log_dict(self.run_id, redact(d), artifact_file)
+        self.client.log_dict(self.run_id, redact(dict(d)), artifact_file)
 
-    def set_tags(self, tags: dict[str, str]) -> None:
+    def log_table(self, table: Mapping[str, Sequence[Any]], artifact_file: str) -> None:
+        """Log ``{column: values}`` (equal lengths) as an MLflow table artifact (``.json``; shown as a table in
+        the run's artifacts; a second call with the same file appends rows).
+
+        Raises:
+            ValueError: no columns, columns of different lengths, or ``artifact_file`` not ending in ``.json``.
+        """
+        lengths = {k: len(v) for k, v in table.items()}
+        if not lengths or len(set(lengths.values())) != 1:
+            raise ValueError(f"table for {artifact_file!r} needs columns of one length, got {lengths}")
+        if not artifact_file.endswith(".json"):
+            raise ValueError(f"table artifact_file must end in .json, got {artifact_file!r}")
+        self.client.log_table(self.run_id, data={k: list(v) for k, v in table.items()}, artifact_file=artifact_file)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
         """Set run tags (values redacted and truncated to MLflow's 8000 characters)."""
         from mlflow.entities import RunTag  # lazy: mlflow takes seconds to import; untracked runs never need it
 
@@ -290,11 +310,16 @@ class MlflowTracker:
 
     @contextmanager
     def child_run(
-        self, run_name: str, params: dict[str, Any] | None = None, tags: dict[str, str] | None = None
+        self, run_name: str, params: Mapping[str, Any] | None = None, tags: Mapping[str, str] | None = None
     ) -> Iterator["MlflowTracker"]:
         """A child run of this run (tag ``mlflow.parentRunId``) in the same experiment."""
         child = create_run(
-            self.client, self.tracking_uri, self.experiment_id, run_name, parent_run_id=self.run_id, tags=tags
+            self.client,
+            self.tracking_uri,
+            self.experiment_id,
+            run_name,
+            parent_run_id=self.run_id,
+            tags=dict(tags) if tags else None,
         )
         with child:
             if params:
@@ -303,15 +328,29 @@ class MlflowTracker:
 
 
 def get_or_create_experiment(client: "MlflowClient", name: str, tracking_uri: str) -> str:
+    """The id of experiment ``name``, created (or restored) as a model-training experiment.
+
+    New experiments get tag ``mlflow.experimentKind = custom_model_development`` (MLflow 3 opens an
+    experiment without it in the GenAI view); an existing one without the tag gets it once (a kind
+    someone chose in the UI is kept).
+    """
     from mlflow.exceptions import MlflowException  # lazy: mlflow takes seconds to import; untracked runs never need it
 
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
+        if EXPERIMENT_KIND_TAG not in (exp.tags or {}):
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return str(exp.experiment_id)
     try:
-        return str(client.create_experiment(name, artifact_location=default_artifact_location(tracking_uri)))
+        return str(
+            client.create_experiment(
+                name,
+                artifact_location=default_artifact_location(tracking_uri),
+                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
+            )
+        )
     except MlflowException:
         exp = client.get_experiment_by_name(name)  # created concurrently by another thread/process
         if exp is None:
@@ -326,20 +365,24 @@ def create_run(
     run_name: str,
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
+    title: str | None = None,
 ) -> MlflowTracker:
+    """Open a run named ``title`` (default ``run_name``) with tag ``miroflow.run_name = run_name``, the
+    default tags (:func:`~miroflow.tracking.context.default_run_tags`), ``tags`` and the parent's id."""
     from mlflow.utils.mlflow_tags import (
         MLFLOW_PARENT_RUN_ID,
     )  # lazy: mlflow takes seconds to import; untracked runs never need it
 
-    given = {**default_run_tags(), **dict(tags or {})}  # DVC stage, MIROFLOW_RUN_TAGS, flow-run tags
+    given = {**default_run_tags(), RUN_NAME_TAG: run_name, **dict(tags or {})}  # DVC stage, MIROFLOW_RUN_TAGS, ...
     all_tags = {str(k): truncate(scalar_str(v), MAX_TAG_VALUE_LENGTH) for k, v in redact(given).items()}
     if parent_run_id:
         all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
-    run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+    name = title or run_name
+    run = client.create_run(experiment_id, run_name=name, tags=all_tags)
     log.info(
         "mlflow run %s (%s) started in experiment %s at %s%s",
         run.info.run_id,
-        run_name,
+        name,
         experiment_id,
         safe_uri(tracking_uri),
         f", parent {parent_run_id}" if parent_run_id else "",
