@@ -60,7 +60,9 @@ def test_tracked_demo_is_one_parent_run_with_the_stage_runs_under_it(
 ) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     lines: list[str] = []
-    out = stages.demo(_tiny(tmp_path), steps=3, echo=lines.append, manifests=str(tmp_path / "m"))
+    out = stages.demo(
+        _tiny(tmp_path, register_model="demo-shapes"), steps=3, echo=lines.append, manifests=str(tmp_path / "m")
+    )
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     exp = client.get_experiment_by_name("demo-test")
     assert exp is not None and exp.tags[T.EXPERIMENT_KIND_TAG] == "custom_model_development"  # not the GenAI view
@@ -114,6 +116,24 @@ def test_tracked_demo_is_one_parent_run_with_the_stage_runs_under_it(
         assert table["columns"] == ["reward", "mean", "std", "n", "se"] and len(table["data"]) == 3
     # a name still resolves to its newest run
     assert resolve_run(client, "demo-miro", "demo-test").info.run_id == train_ids[1]
+    # each training run carries its final evaluation; its registered version is tagged with the accuracy
+    for t, e in zip(train_ids, out.evals):
+        assert t is not None and e.overall is not None
+        tr = client.get_run(t)
+        assert (
+            tr.data.metrics["eval/overall"] == pytest.approx(e.overall)
+            and tr.data.tags["eval.run_id"] == e.mlflow_run_id
+        )
+        assert [m.step for m in client.get_metric_history(t, "eval/overall")] == [3]
+        (mv,) = client.search_model_versions(f"run_id = '{t}'")
+        assert mv.tags["eval_accuracy"] == f"{e.overall:.4f}" and mv.tags["eval_run_id"] == e.mlflow_run_id
+    # the demo ends with the comparison report of its two runs, logged under the demo's parent run
+    assert out.compare is not None and out.compare == str(tmp_path / "compare" / "report.md")
+    report = Path(out.compare).read_text()
+    assert "demo-baseline" in report and "demo-miro" in report and (tmp_path / "compare" / "compare.json").is_file()
+    assert any(line.startswith("[compare] demo-baseline vs demo-miro") for line in lines)
+    (cmp_run,) = [r for r in runs.values() if r.data.tags.get("stage") == "compare"] or [None]
+    assert cmp_run is not None and parent_of(cmp_run.info.run_id) == pid
 
 
 def test_demo_with_an_unknown_parent_run_fails_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

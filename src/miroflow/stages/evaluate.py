@@ -12,7 +12,7 @@ from miroflow.results import BestOfNResult, EvalSummary, SweepResult
 from miroflow.stages._common import DEFAULT, run_manifest_path, train_run_id, write_result
 from miroflow.storage import Storage, from_config
 from miroflow.sweep import run_sweep
-from miroflow.tracking import Tracker, tracked_run
+from miroflow.tracking import Tracker, record_evaluation, resolve_tracking_uri, tracked_run
 from miroflow.tts import run_tts
 
 __all__ = ["evaluate", "tts", "sweep"]
@@ -41,10 +41,15 @@ def evaluate(
         summary = run_evaluate(params, pipeline=pipeline, storage=storage, out_uri=out_uri, tracker=tracker)
         run_id = tracker.run_id
     else:
-        with tracked_run(params, f"eval-{params.train.run_name}", {"stage": "evaluate"}, train_run_id(params)) as t:
+        train_id = train_run_id(params)
+        with tracked_run(params, f"eval-{params.train.run_name}", {"stage": "evaluate"}, train_id) as t:
             summary = run_evaluate(params, pipeline=pipeline, storage=storage, out_uri=out_uri, tracker=t)
             run_id = t.run_id
     result = EvalSummary.from_dict(summary).with_ids(run_id, str(path) if path is not None else None)
+    if tracker is None and train_id is not None and run_id is not None:
+        # the training run carries its final eval/*; its registered versions get eval_accuracy
+        step = int(summary.get("model", {}).get("step") or 0)
+        record_evaluation(train_id, result.metrics(), step, run_id, resolve_tracking_uri(params.tracking))
     write_result(result, path)
     return result
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from miroflow.compare import run_compare
 from miroflow.config import Params
 from miroflow.recipes import derive, miro_of, pipeline_runs, sized, with_manifests
 from miroflow.results import (
@@ -60,6 +62,7 @@ class DemoResult(Result):
     runs: tuple[TrainResult, ...]
     evals: tuple[EvalSummary, ...]
     sweep: SweepResult
+    compare: str | None = None  # report.md of `miroflow compare` baseline vs MIRO (None when untracked)
 
     @classmethod
     def _convert(cls, d: dict[str, Any]) -> dict[str, Any]:
@@ -68,6 +71,7 @@ class DemoResult(Result):
             "runs": tuple(TrainResult.from_dict(r) for r in d["runs"]),
             "evals": tuple(EvalSummary.from_dict(e) for e in d["evals"]),
             "sweep": SweepResult.from_dict(d["sweep"]),
+            "compare": d.get("compare"),
         }
 
 
@@ -95,7 +99,8 @@ DEMO_MANIFESTS = "work/demo/manifests"
 
 def demo(params: Params, steps: int = 600, echo: Echo = _quiet, manifests: str | None = DEMO_MANIFESTS) -> DemoResult:
     """The demo: data stages, a tiny baseline and MIRO model (``steps`` each, resumable), their
-    evaluation, and a small sweep of the MIRO model (ω, the sweep target, best-of-N).
+    evaluation, a small sweep of the MIRO model (ω, the sweep target, best-of-N) and, when tracked, the
+    ``miroflow compare`` report of the two runs (``<manifests>/../compare``, docs/compare.md).
 
     Its manifests go to ``manifests`` (default :data:`DEMO_MANIFESTS`; ``None`` keeps the params'
     own paths); object-store outputs share ``storage.root`` safely (content-addressed keys).
@@ -107,10 +112,11 @@ def demo(params: Params, steps: int = 600, echo: Echo = _quiet, manifests: str |
         if parent is not None:
             echo(f"[demo] MLflow parent run {parent}")
             params = derive(params, tracking={"parent_run_id": parent})  # execution-only: no output moves
-        return _demo(params, steps, echo)
+        compare_dir = str(Path(manifests).parent / "compare") if manifests is not None else None
+        return _demo(params, steps, echo, compare_dir)
 
 
-def _demo(params: Params, steps: int, echo: Echo) -> DemoResult:
+def _demo(params: Params, steps: int, echo: Echo, compare_dir: str | None = None) -> DemoResult:
     """:func:`demo`'s stages with ``params`` as given (manifests and parent run already set)."""
     data = data_stages(params, echo=echo)
     miro, base = pipeline_runs(sized(miro_of(params), steps), miro_name="demo-miro", baseline_name="demo-baseline")
@@ -137,7 +143,13 @@ def _demo(params: Params, steps: int, echo: Echo) -> DemoResult:
     )
     sw = sweep(sp)
     echo(f"[sweep] demo-miro: {len(sw.points)} points (ω, {sp.sweep.target_reward} target, best-of-N) -> {sw.output}")
-    return DemoResult(data=data, runs=tuple(runs), evals=tuple(evals), sweep=sw)
+    report = None
+    ids = [r.mlflow_run_id for r in runs]
+    if all(ids):
+        cmp = run_compare(params, [i for i in ids if i], out_dir=compare_dir)
+        report = str(cmp["files"]["report"])
+        echo(f"[compare] demo-baseline vs demo-miro (SEs, p-values, curves, grids) -> {report}")
+    return DemoResult(data=data, runs=tuple(runs), evals=tuple(evals), sweep=sw, compare=report)
 
 
 def _fmt(v: float | None) -> str:

@@ -61,7 +61,7 @@ from miroflow.tracking.redact import (
     redact,
     redact_text,
 )
-from miroflow.tracking.registry import register_model
+from miroflow.tracking.registry import record_evaluation, register_model
 from miroflow.tracking.runs import TrackingError, check_parent_run, child_run, pipeline_run, start_run, tracked_run
 from miroflow.tracking.trackers import MlflowTracker, NullTracker, Tracker
 from miroflow.tracking.uris import absolute_uri, default_artifact_location, file_sha256, git_info, resolve_tracking_uri
@@ -74,6 +74,7 @@ __all__ = [
     "start_run",
     "child_run",
     "pipeline_run",
+    "record_evaluation",
     "TrackingError",
     "check_parent_run",
     "RUN_NAME_TAG",

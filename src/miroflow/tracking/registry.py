@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
 from miroflow.storage import Storage, parse_uri
 from miroflow.tracking.uris import resolve_tracking_uri
 
-__all__ = ["register_model"]
+__all__ = ["register_model", "record_evaluation"]
 
 log = logging.getLogger(__name__)
 
@@ -96,3 +98,39 @@ def register_model(
         client.set_registered_model_alias(name, alias, version)
     log.info("registered model %s version %s%s from %s", name, version, f" (@{alias})" if alias else "", source)
     return version
+
+
+def record_evaluation(
+    train_run_id: str,
+    metrics: Mapping[str, float],
+    step: int,
+    eval_run_id: str | None,
+    tracking_uri: str | None = None,
+) -> list[str]:
+    """Put an evaluation's numbers on the training run it evaluated (docs/control-room.md).
+
+    The training run gets ``metrics`` (``eval/overall``, ``eval/<category>``, ``eval/reward/<name>``) at
+    ``step`` (the evaluated checkpoint's step) and the tag ``eval.run_id``; every registered model
+    version made from that run gets the tags ``eval_accuracy`` (``eval/overall``, 4 decimals) and
+    ``eval_run_id``, so the registry shows how good each version is. Returns ``"<name>/<version>"`` of
+    the tagged versions.
+    """
+    from mlflow import MlflowClient  # lazy: mlflow takes seconds to import; untracked runs never need it
+    from mlflow.entities import Metric
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or resolve_tracking_uri(None)
+    client = MlflowClient(tracking_uri=uri, registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or uri)
+    now = int(time.time() * 1000)
+    values = [Metric(k, float(v), now, int(step)) for k, v in metrics.items() if v is not None and math.isfinite(v)]
+    client.log_batch(train_run_id, metrics=values)
+    if eval_run_id:
+        client.set_tag(train_run_id, "eval.run_id", eval_run_id)
+    tagged: list[str] = []
+    overall = metrics.get("eval/overall")
+    for mv in client.search_model_versions(f"run_id = '{train_run_id}'"):
+        if overall is not None and math.isfinite(overall):
+            client.set_model_version_tag(mv.name, mv.version, "eval_accuracy", f"{overall:.4f}")
+        if eval_run_id:
+            client.set_model_version_tag(mv.name, mv.version, "eval_run_id", eval_run_id)
+        tagged.append(f"{mv.name}/{mv.version}")
+    return tagged
