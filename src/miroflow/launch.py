@@ -143,7 +143,7 @@ def child_env(base: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def _stop(proc: subprocess.Popen[str]) -> None:
+def _stop(proc: subprocess.Popen[bytes]) -> None:
     """SIGTERM the launch's process group (torchrun and its ranks), SIGKILL after :data:`STOP_GRACE_S`."""
     for sig, wait in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, 5.0)):
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -177,17 +177,14 @@ def stream_process(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
-        text=True,
-        errors="replace",
-        bufsize=1,
         start_new_session=True,
     )
     try:
         assert proc.stdout is not None
-        for raw in proc.stdout:
+        for raw in proc.stdout:  # bytes, split at "\n" only (text mode would split at every "\r" too)
             # a progress bar redraws with "\r" and may precede a metric line on the same line: keep the
             # metric (after the last prefix), or else the bar's last state
-            text = raw.rstrip("\r\n")
+            text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
             _, is_metric, metric = text.rpartition(METRICS_PREFIX)
             line = metric if is_metric else text.rsplit("\r", 1)[-1]
             tail.append(line)
