@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from uuid import UUID
 
@@ -136,3 +141,41 @@ def test_a_rendezvous_nobody_joins_fails_with_status_and_output(data_overrides: 
     assert err.value.returncode == 1 and err.value.tail and seen
     assert f"train.rdzv_endpoint={endpoint}" in msg and "train.rdzv_timeout_s=2" in msg, msg
     assert "last output lines:" in msg and "RendezvousTimeoutError" in msg
+
+
+def test_interrupting_the_launcher_stops_every_rank(data_overrides: list[str], tmp_path: Path) -> None:
+    """Ctrl-C on ``miroflow train`` while two ranks train: torchrun and both ranks are gone afterwards."""
+    psutil = pytest.importorskip("psutil")
+    (tmp_path / "params.yaml").write_text("{}\n")
+    sets = [
+        x
+        for o in [*data_overrides, "train.run_name=interrupted", "train.steps=100000", "train.nproc_per_node=2"]
+        for x in ("-S", o)
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "miroflow", "train", "-p", str(tmp_path / "params.yaml"), *sets],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
+    )
+    seen: list[str] = []
+    ranks: list[object] = []
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 240
+        for line in proc.stdout:  # the parent echoes rank 0's metric lines
+            seen.append(line)
+            if line.startswith("step 2: loss="):
+                break
+            assert time.monotonic() < deadline, "".join(seen[-20:])
+        ranks = psutil.Process(proc.pid).children(recursive=True)
+        assert len(ranks) >= 3, ranks  # torchrun and its two ranks
+        os.kill(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=60) != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    gone, alive = psutil.wait_procs(ranks, timeout=30)
+    assert not alive, f"left behind: {alive}"
