@@ -129,23 +129,22 @@ def bin_task(params: dict[str, Any]) -> dict[str, Any]:
 
 
 @flow(name="score-shards", log_prints=True)
-def score_shards(params: dict[str, Any]) -> list[dict[str, Any]]:
-    """Score every shard of the dataset on this flow run's task runner (set by :func:`score_dataset`).
+def score_shards(shards: list[dict[str, Any]], score: dict[str, Any], storage: dict[str, Any]) -> list[dict[str, Any]]:
+    """Score every shard on this flow run's task runner (set by :func:`score_dataset`).
 
     Args:
-        params: the resolved params as a JSON dict.
+        shards: one ``{"uri", "out_uri", "sha256"}`` per shard: shard tar, its score table, its sha256.
+        score / storage: ``params.score`` / ``params.storage`` as JSON dicts.
 
     Returns:
-        One :class:`~miroflow.results.ShardScore` dict per shard, in the manifest's order.
+        One :class:`~miroflow.results.ShardScore` dict per shard, in the order of ``shards``.
     """
-    p = Params.model_validate(params)
-    shards = read_manifest(p.data.manifest)["shards"]
     futures = score_shard_task.map(
         shard_uri=[s["uri"] for s in shards],
-        out_uri=[score_table_uri(p, s["uri"]) for s in shards],
+        out_uri=[s["out_uri"] for s in shards],
         expected_sha256=[s["sha256"] for s in shards],
-        score=unmapped(p.score.model_dump(mode="json")),
-        storage=unmapped(p.storage.model_dump(mode="json")),
+        score=unmapped(score),
+        storage=unmapped(storage),
     )
     return [f.result() for f in futures]
 
@@ -173,7 +172,13 @@ def score_dataset(
     runner = make_task_runner(p.score)
     where = describe_executor(p.score)
     get_run_logger().info("scoring shards on %s", where)
-    results = score_shards.with_options(task_runner=runner)(p.model_dump(mode="json"))
+    shards = [
+        {"uri": sh["uri"], "out_uri": score_table_uri(p, sh["uri"]), "sha256": sh["sha256"]}
+        for sh in read_manifest(p.data.manifest)["shards"]
+    ]
+    results = score_shards.with_options(task_runner=runner)(
+        shards, p.score.model_dump(mode="json"), p.storage.model_dump(mode="json")
+    )
     manifest = write_manifest_task(p.model_dump(mode="json"), results)  # direct calls: run in the flow's process
     bins = bin_task(p.model_dump(mode="json"))
     out = {
