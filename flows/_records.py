@@ -222,7 +222,10 @@ def schema_with_code_defaults(schema: dict[str, Any]) -> dict[str, Any]:
     pydantic leaves ``default`` out of the JSON schema of fields with a ``default_factory`` (lists and
     dicts such as ``train.sample_prompts``), so the Prefect form showed "No items in this list"; this
     fills each missing scalar/list/dict default from the section model (``miroflow.config.<Definition>``)
-    validated from ``{}``. Nested sections (``$ref`` properties) are left alone.
+    validated from ``{}``. Nested sections (``$ref`` properties) are left alone. The config sections now
+    emit those defaults themselves (``miroflow.config._factory_defaults_in_schema``, which is what
+    ``prefect deploy`` sees), so on their schema this changes nothing; it stays as a guard for
+    ``flows/deploy.py``.
     """
     from pydantic import BaseModel
 

@@ -1,23 +1,26 @@
 """Prefect flow for the score and bin stages (a thin layer over :mod:`miroflow.score`).
 
-``score_dataset`` reads the shard manifest, maps one ``score_shard`` task per shard (URIs and small
-dicts in, small dicts out; never tensors), writes the local score manifest and fits the bins. The
-per-shard tasks run on the flow's task runner; the manifest and bin tasks are called directly, so
-they run in the flow's own process and the local manifests (``score.manifest``, ``score.bins``)
-land on the machine that runs the flow even when shards are scored on Dask workers.
+``score_dataset`` resolves the params, then runs the subflow ``score-shards`` with the task runner that
+``params.score`` asks for, chosen at run time (so a deployment's form or overrides pick it):
+``ThreadPoolTaskRunner(max_workers=score.max_workers)`` when ``score.executor`` is ``thread``; with
+``dask``, prefect-dask's ``DaskTaskRunner`` on a ``LocalCluster`` of ``score.max_workers``
+single-threaded worker processes, or on the running scheduler at ``score.dask_address``. The subflow maps
+one ``score_shard`` task per shard (URIs and small dicts in, small dicts out; never tensors). The score
+manifest and the bins are written by tasks called directly in ``score_dataset``, so they run in the
+flow's own process and the local manifests (``score.manifest``, ``score.bins``) land on the machine
+that runs the flow even when shards are scored on Dask workers.
 
-Use :func:`run` to pick the task runner from ``params.score`` at call time:
-``ThreadPoolTaskRunner(max_workers=score.max_workers)`` by default, or prefect-dask's
-``DaskTaskRunner`` (a ``LocalCluster`` of ``score.max_workers`` single-threaded worker processes)
-when ``score.executor`` is ``dask``. The local cluster's scheduler, dashboard (port 8787, or a free
-port when that is taken) and workers bind 127.0.0.1 only; to expose them on another interface, pass
-``dask_host=`` to :func:`make_task_runner` or set ``MIROFLOW_DASK_HOST`` (e.g. ``0.0.0.0``; put
-authentication in front: the dashboard has none).
+The local cluster's scheduler, dashboard (port 8787, or a free port when that is taken) and workers
+bind 127.0.0.1 only; to expose them on another interface, pass ``dask_host=`` to
+:func:`make_task_runner` or set ``MIROFLOW_DASK_HOST`` (e.g. ``0.0.0.0``; put authentication in front:
+the dashboard has none). A ``score.dask_address`` that does not answer fails the run before any task,
+naming the field.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 from typing import Any
 
 from prefect import flow, get_run_logger, task, unmapped
@@ -35,6 +38,9 @@ from miroflow.storage import InvalidURIError, NoSuchBucketError, NotFoundError, 
 
 __all__ = [
     "score_dataset",
+    "score_shards",
+    "check_dask_address",
+    "describe_executor",
     "score_shard_task",
     "write_manifest_task",
     "bin_task",
@@ -50,6 +56,9 @@ DEFAULT_DASK_HOST = "127.0.0.1"
 DASK_HOST_ENV = "MIROFLOW_DASK_HOST"
 #: Preferred port of the Dask dashboard (distributed picks a free one when it is taken).
 DASK_DASHBOARD_PORT = 8787
+
+#: Seconds to wait for ``score.dask_address`` to accept a TCP connection before the run fails.
+DASK_CONNECT_TIMEOUT_S = 5.0
 
 #: Delays (s) between the retries of a shard task after a transient storage error.
 RETRY_DELAYS_S: list[float] = [2, 10, 30]
@@ -119,11 +128,36 @@ def bin_task(params: dict[str, Any]) -> dict[str, Any]:
     return {"path": abs_uri(r.path), "hash": r.hash, "rewards": r.counts}
 
 
+@flow(name="score-shards", log_prints=True)
+def score_shards(shards: list[dict[str, Any]], score: dict[str, Any], storage: dict[str, Any]) -> list[dict[str, Any]]:
+    """Score every shard on this flow run's task runner (set by :func:`score_dataset`).
+
+    Args:
+        shards: one ``{"uri", "out_uri", "sha256"}`` per shard: shard tar, its score table, its sha256.
+        score / storage: ``params.score`` / ``params.storage`` as JSON dicts.
+
+    Returns:
+        One :class:`~miroflow.results.ShardScore` dict per shard, in the order of ``shards``.
+    """
+    futures = score_shard_task.map(
+        shard_uri=[s["uri"] for s in shards],
+        out_uri=[s["out_uri"] for s in shards],
+        expected_sha256=[s["sha256"] for s in shards],
+        score=unmapped(score),
+        storage=unmapped(storage),
+    )
+    return [f.result() for f in futures]
+
+
 @flow(name="score-dataset", log_prints=True, **FLOW_RESULTS)
 def score_dataset(
     params_file: str | None = "params.yaml", overrides: list[str] | None = None, params: Params | None = None
 ) -> dict[str, Any]:
     """Score every shard of the dataset, write the score manifest, then fit the bins.
+
+    The shards are scored by the subflow ``score-shards`` on ``score.executor``'s task runner: threads
+    (``score.max_workers``), or Dask (a local cluster of ``score.max_workers`` processes on 127.0.0.1, or
+    the scheduler at ``score.dask_address``).
 
     Args:
         params_file: params.yaml to load first (empty: the code defaults).
@@ -131,20 +165,20 @@ def score_dataset(
         params: typed config form; only the fields you set are merged onto ``params_file``'s values.
 
     Returns:
-        ``{"shards": n, "scored": n, "skipped": n, "failures": n, "manifest": {...}, "bins": {...}}``.
+        ``{"shards": n, "scored": n, "skipped": n, "failures": n, "executor": ..., "manifest": {...}, "bins": {...}}``.
     """
     p = resolve_params(params_file, overrides, params)
     stages.preflight(p, "score")  # every problem named before any shard task starts
-    shards = read_manifest(p.data.manifest)["shards"]
-    score_d = p.score.model_dump(mode="json")
-    futures = score_shard_task.map(
-        shard_uri=[s["uri"] for s in shards],
-        out_uri=[score_table_uri(p, s["uri"]) for s in shards],
-        expected_sha256=[s["sha256"] for s in shards],
-        score=unmapped(score_d),
-        storage=unmapped(p.storage.model_dump(mode="json")),
+    runner = make_task_runner(p.score)
+    where = describe_executor(p.score)
+    get_run_logger().info("scoring shards on %s", where)
+    shards = [
+        {"uri": sh["uri"], "out_uri": score_table_uri(p, sh["uri"]), "sha256": sh["sha256"]}
+        for sh in read_manifest(p.data.manifest)["shards"]
+    ]
+    results = score_shards.with_options(task_runner=runner)(
+        shards, p.score.model_dump(mode="json"), p.storage.model_dump(mode="json")
     )
-    results = [f.result() for f in futures]
     manifest = write_manifest_task(p.model_dump(mode="json"), results)  # direct calls: run in the flow's process
     bins = bin_task(p.model_dump(mode="json"))
     out = {
@@ -152,14 +186,44 @@ def score_dataset(
         "scored": sum(1 for r in results if not r["skipped"]),
         "skipped": sum(1 for r in results if r["skipped"]),
         "failures": sum(int(r["failures"]) for r in results),
+        "executor": where,
         "manifest": manifest,
         "bins": bins,
     }
-    facts = {k: out[k] for k in ("shards", "scored", "skipped", "failures")}
+    facts = {k: out[k] for k in ("shards", "scored", "skipped", "failures", "executor")}
     facts |= {"rows": manifest["num_rows"], "score manifest": f"`{manifest['path']}`", "bins": f"`{bins['path']}`"}
     rows = [{"reward": k, "values fitted": n, "bins": p.score.num_bins} for k, n in bins["rewards"].items()]
     publish("score-dataset", p, facts, rows, title=f"score-dataset {p.data.manifest}")
     return out
+
+
+def describe_executor(cfg: ScoreConfig) -> str:
+    """One line naming where shards are scored, e.g. ``dask scheduler tcp://10.0.0.5:8786``."""
+    if cfg.executor == "thread":
+        return f"{cfg.max_workers} threads"
+    if cfg.dask_address:
+        return f"dask scheduler {cfg.dask_address}"
+    return f"dask LocalCluster of {cfg.max_workers} worker processes"
+
+
+def check_dask_address(address: str, timeout_s: float = DASK_CONNECT_TIMEOUT_S) -> None:
+    """Fail fast unless the Dask scheduler at ``address`` (``[proto://]host:port``) accepts a TCP connection.
+
+    Raises:
+        ValueError: naming ``score.dask_address``, the address and the connection error.
+    """
+    rest = address.split("://", 1)[-1]
+    host, _, port = rest.rpartition(":")
+    host = host.strip("[]")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"score.dask_address: no Dask scheduler answers at {address!r} within {timeout_s:g} s "
+            f"({type(err).__name__}: {err}); start one (dask scheduler) or leave score.dask_address empty "
+            "for a local cluster"
+        ) from None
 
 
 def dask_cluster_kwargs(cfg: ScoreConfig, dask_host: str | None = None) -> dict[str, Any]:
@@ -181,11 +245,15 @@ def dask_cluster_kwargs(cfg: ScoreConfig, dask_host: str | None = None) -> dict[
 
 
 def make_task_runner(cfg: ScoreConfig, dask_host: str | None = None) -> Any:
-    """The task runner for shard tasks: threads, or (``executor: dask``) a local Dask cluster.
+    """The task runner for shard tasks: threads, or (``executor: dask``) a local Dask cluster or the
+    scheduler at ``score.dask_address`` (checked to answer first).
 
     Args:
         cfg: ``params.score``.
-        dask_host: opt-in bind address of the Dask cluster (see :func:`dask_cluster_kwargs`).
+        dask_host: opt-in bind address of the local Dask cluster (see :func:`dask_cluster_kwargs`).
+
+    Raises:
+        ValueError: ``score.dask_address`` does not answer (names the field).
     """
     if cfg.executor == "dask":
         try:
@@ -194,10 +262,13 @@ def make_task_runner(cfg: ScoreConfig, dask_host: str | None = None) -> Any:
             raise ImportError(
                 "score.executor is 'dask' but prefect-dask is not installed (pip install '.[dask]')"
             ) from err
+        if cfg.dask_address:
+            check_dask_address(cfg.dask_address)
+            return DaskTaskRunner(address=cfg.dask_address)
         return DaskTaskRunner(cluster_kwargs=dask_cluster_kwargs(cfg, dask_host))
     return ThreadPoolTaskRunner(max_workers=cfg.max_workers)
 
 
 def run(params: Params) -> dict[str, Any]:
-    """Run :func:`score_dataset` with the task runner ``params.score`` asks for."""
-    return score_dataset.with_options(task_runner=make_task_runner(params.score))(params_file=None, params=params)
+    """Run :func:`score_dataset` on ``params`` (which picks the task runner from ``params.score`` itself)."""
+    return score_dataset(params_file=None, params=params)

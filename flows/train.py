@@ -1,14 +1,16 @@
-"""Prefect flow for the train stage (a thin layer over :func:`miroflow.stages.train`).
+"""Prefect flow for the train stage (a thin layer over :func:`miroflow.launch.train`).
 
-One task runs training in the flow's process (DDP runs are launched with ``torchrun`` outside
-Prefect); it returns the :class:`~miroflow.results.TrainResult` as a JSON dict, never tensors.
+One task trains: in the flow's process, or, when ``train.nproc_per_node > 1`` or ``train.nnodes > 1``,
+under ``torchrun`` launched by the task (:mod:`miroflow.launch`: the ranks' output streams into the task
+run's log, the loss lines included; a failed launch fails the task with the exit status and the last
+lines). It returns the :class:`~miroflow.results.TrainResult` as a JSON dict, never tensors.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 
 from flows._records import (
     FLOW_RESULTS,
@@ -20,7 +22,7 @@ from flows._records import (
     publish,
     rounded,
 )
-from miroflow import stages
+from miroflow import launch
 from miroflow.config import Params, resolve_params
 
 __all__ = ["train_model", "train_task"]
@@ -28,11 +30,15 @@ __all__ = ["train_model", "train_task"]
 
 @task(name="train")
 def train_task(params: dict[str, Any], resume: bool = False, max_steps: int | None = None) -> dict[str, Any]:
-    """Train one model; returns the TrainResult (checkpoint, loss, steps, MLflow run id, manifest).
+    """Train one model (under torchrun when ``train.nproc_per_node``/``train.nnodes`` ask for it); returns
+    the TrainResult (checkpoint, loss, steps, MLflow run id, manifest).
 
-    The loss (every ``train.log_every`` steps) goes to this task's Prefect run log."""
+    The loss (every ``train.log_every`` steps) goes to this task's Prefect run log, and so does the other
+    output of launched ranks."""
+    run_log = get_run_logger()
     with forward_metrics():
-        out = stages.train(Params.model_validate(params), resume=resume, max_steps=max_steps).to_dict()
+        result = launch.train(Params.model_validate(params), resume=resume, max_steps=max_steps, echo=run_log.info)
+    out = result.to_dict()
     out["checkpoint"] = abs_uri(out.get("checkpoint"))
     return out
 
@@ -59,6 +65,9 @@ def train_model(
     max_steps: int | None = None,
 ) -> dict[str, Any]:
     """Train a MIRO model (or the baseline with ``train.rewards=[]``) and register it in MLflow.
+
+    ``train.nproc_per_node`` > 1 (one process per GPU) or ``train.nnodes`` > 1 (with ``train.rdzv_endpoint``)
+    launch torchrun from the flow's task; the result is the same as in one process.
 
     Args:
         params_file: params.yaml to load first (empty: the code defaults).

@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from miroflow import stages
+from miroflow import launch, stages
 from miroflow.compare import run_compare
 from miroflow.config import Params, ParamsError, load_params
 from miroflow.errors import MiroflowError, describe
@@ -175,10 +175,27 @@ def train(
     max_steps: Annotated[
         int | None, typer.Option("--max-steps", help="Stop after this many steps (for smoke runs).")
     ] = None,
+    result: Annotated[
+        Path | None, typer.Option("--result", help="Also write the TrainResult as JSON to this file (rank 0).")
+    ] = None,
+    log_metrics: Annotated[
+        bool, typer.Option("--log-metrics", help="Print the metric lines (loss every train.log_every steps) to stderr.")
+    ] = False,
 ) -> None:
-    """Stage train: MIRO (or baseline with -S train.rewards=[]) flow matching; MLflow-tracked."""
-    r = stages.train(_load(params_file, overrides), resume=resume, max_steps=max_steps)
-    typer.echo(f"trained {r.steps} steps (loss {r.loss:.4f}) -> {r.checkpoint}; manifest: {r.manifest}")
+    """Stage train: MIRO (or baseline with -S train.rewards=[]) flow matching; MLflow-tracked.
+
+    With -S train.nproc_per_node=N (N > 1) or train.nnodes > 1 it launches torchrun (docs/control-room.md)."""
+    with launch.metrics_to_stderr(log_metrics):
+        r = launch.train(
+            _load(params_file, overrides),
+            resume=resume,
+            max_steps=max_steps,
+            echo=lambda line: typer.echo(line, err=True),
+        )
+    if result is not None and stages.is_main_process():
+        result.write_text(r.to_json(), encoding="utf-8")
+    if stages.is_main_process():
+        typer.echo(f"trained {r.steps} steps (loss {r.loss:.4f}) -> {r.checkpoint}; manifest: {r.manifest}")
 
 
 @app.command()

@@ -7,11 +7,13 @@ explicitly; flows use the same models so the Prefect UI renders typed forms.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import to_jsonable_python
 
 from miroflow.errors import InputError
 
@@ -48,8 +50,25 @@ IMPORT_DEFAULT_REWARDS: tuple[str, ...] = ("sharpness", "noise", "contrast", "co
 SHAPES_DEFAULT_SELECT_BY = "shapes_alignment"
 
 
+def _factory_defaults_in_schema(schema: dict[str, Any], cls: type[BaseModel]) -> None:
+    """JSON-schema hook of every section: the value of each ``default_factory`` field becomes its ``default``.
+
+    pydantic leaves ``default`` out of the schema of such fields (lists and dicts, e.g.
+    ``train.sample_prompts``), so Prefect's parameter form (``flow.serve``, ``flows/deploy.py`` and
+    ``prefect deploy`` alike) showed "No items in this list". Nested sections (``$ref``) keep theirs.
+    """
+    props = schema.get("properties", {})
+    for name, field in cls.model_fields.items():
+        prop = props.get(field.alias or name)
+        if prop is None or "default" in prop or field.default_factory is None:
+            continue
+        if "$ref" in prop or any("$ref" in alt for alt in [*prop.get("anyOf", []), *prop.get("allOf", [])]):
+            continue
+        prop["default"] = to_jsonable_python(field.default_factory())  # type: ignore[call-arg]
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, json_schema_extra=_factory_defaults_in_schema)
 
 
 class DegradationConfig(_Section):
@@ -111,6 +130,21 @@ class DataConfig(_Section):
     manifest: str = Field("manifests/shards.json", description="Local path of the shard manifest DVC tracks.")
 
 
+_HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})$")
+
+
+def _host_port(v: str | None, example: str, scheme: bool = False) -> str | None:
+    """``v`` when it is ``host:port`` (``[v6]:port``; with ``scheme`` also ``proto://host:port``), else a
+    ValueError showing ``example``."""
+    if v is None:
+        return v
+    rest = v.split("://", 1)[1] if scheme and "://" in v else v
+    m = _HOST_PORT.match(rest)
+    if not m or not 0 < int(m.group(2)) < 65536:
+        raise ValueError(f"{v!r} is not host:port (e.g. {example})")
+    return v
+
+
 class ScoreConfig(_Section):
     """The score and bin stages."""
 
@@ -126,13 +160,25 @@ class ScoreConfig(_Section):
     batch_size: int = Field(64, ge=1, description="Images per scoring batch.")
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda[:i]'.")
     executor: Literal["thread", "dask"] = Field("thread", description="Prefect task runner for per-shard scoring.")
-    max_workers: int = Field(2, ge=1, description="Concurrent shard tasks.")
+    max_workers: int = Field(
+        2, ge=1, description="Concurrent shard tasks (threads, or the local Dask cluster's worker processes)."
+    )
+    dask_address: str | None = Field(
+        default=None,  # a keyword default: mypy (no pydantic plugin) sees the field as optional
+        description="With score.executor=dask: address of a running Dask scheduler (tcp://host:8786) to score "
+        "on; null = a LocalCluster of score.max_workers processes on 127.0.0.1.",
+    )
     num_bins: int = Field(64, ge=2, description="Quantile bins per reward.")
     bin_max_samples: int = Field(
         100_000, ge=1, description="At most this many values per reward are used to estimate bin edges."
     )
     manifest: str = Field("manifests/scores.json", description="Local manifest of score tables (DVC out).")
     bins: str = Field("manifests/bins.json", description="Local path of the bin-edge JSON (DVC out).")
+
+    @field_validator("dask_address")
+    @classmethod
+    def _dask_address(cls, v: str | None) -> str | None:
+        return _host_port(v, "tcp://10.0.0.5:8786", scheme=True)
 
 
 class TrainConfig(_Section):
@@ -208,6 +254,26 @@ class TrainConfig(_Section):
     mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="bf16 autocast on GPU when 'auto'.")
     compile: bool = Field(False, description="torch.compile the denoiser.")
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda[:i]'.")
+    nproc_per_node: int = Field(
+        1,
+        ge=1,
+        description="Training processes per machine (one per GPU). Above 1, or with train.nnodes above 1, "
+        "`miroflow train` and the train flow launch torchrun (DDP: nccl on GPU, gloo on CPU). Execution only: "
+        "the weights do not depend on it.",
+    )
+    nnodes: int = Field(
+        1,
+        ge=1,
+        description="Machines of a multi-node torchrun job; above 1 needs train.rdzv_endpoint, and every machine "
+        "starts the same training (same params).",
+    )
+    rdzv_endpoint: str | None = Field(
+        None,
+        description="host:port of the c10d rendezvous (one of the machines; reachable from all) when train.nnodes > 1.",
+    )
+    rdzv_timeout_s: int = Field(
+        600, ge=1, description="Seconds torchrun waits for every machine to join the rendezvous (train.nnodes > 1)."
+    )
     log_every: int = Field(50, ge=1, description="Metric logging interval in steps.")
     eval_every: int = Field(500, ge=1, description="Interval for EMA sample grids and reward means.")
     checkpoint_every: int = Field(500, ge=1, description="Checkpoint interval in steps.")
@@ -222,6 +288,11 @@ class TrainConfig(_Section):
         description="Fixed prompts for the sample grids.",
     )
     sample_steps: int = Field(20, ge=1, description="Euler steps for training-time samples.")
+
+    @field_validator("rdzv_endpoint")
+    @classmethod
+    def _rdzv_endpoint(cls, v: str | None) -> str | None:
+        return _host_port(v, "10.0.0.5:29400")
 
 
 def _unit_interval(v: tuple[float, float], rule: str) -> tuple[float, float]:

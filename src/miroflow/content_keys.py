@@ -57,6 +57,10 @@ TRAIN_EXECUTION_ONLY = frozenset(
         "sample_steps",
         "stream_workers",
         "sample_log",
+        "nproc_per_node",
+        "nnodes",
+        "rdzv_endpoint",
+        "rdzv_timeout_s",
     }
 )
 

@@ -7,7 +7,8 @@ Two parts:
   ``sweep.target_reward``, target keys), target ranges ([0, 1]), the model and text-encoder
   names, the prompt-set name, data domain / ``data.import_uri`` consistency, rewards valid for the
   data domain (a shapes-only reward such as ``shapes_alignment`` is refused for ``data.domain=import``,
-  docs/architecture.md, "Imported data"). ``miroflow params validate`` runs these.
+  docs/architecture.md, "Imported data"), the torchrun fields (``train.rdzv_endpoint`` when
+  ``train.nnodes > 1``, a batch divisible by the world size). ``miroflow params validate`` runs these.
 - :func:`preflight` — those plus the I/O checks of one stage: its inputs exist (manifests, bins,
   a complete checkpoint, a prompt set that parses and, for ``data.domain=import``, is not the
   synthetic ``shapes`` set) and its outputs are writable (``storage.root`` and the manifest folder by
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 from miroflow.checkpoint import latest_checkpoint, run_uri
-from miroflow.config import IMPORT_DEFAULT_REWARDS, Params, ParamsError
+from miroflow.config import IMPORT_DEFAULT_REWARDS, Params, ParamsError, TrainConfig
 from miroflow.data.sidecars import vae_embed_problem
 from miroflow.models.denoiser import MODEL_SIZES
 from miroflow.prompts import PROMPT_SETS, PromptSetError, load_prompt_set
@@ -91,6 +92,23 @@ def _domain_problems(params: Params) -> list[str]:
     return out
 
 
+def _launch_problems(tr: TrainConfig) -> list[str]:
+    """The torchrun fields: a rendezvous endpoint for several machines, a batch every rank can share."""
+    out = []
+    if tr.nnodes > 1 and not tr.rdzv_endpoint:
+        out.append(
+            f"train.rdzv_endpoint: required when train.nnodes > 1 (got nnodes={tr.nnodes}): host:port of the "
+            "c10d rendezvous on one of the machines"
+        )
+    world = tr.nproc_per_node * tr.nnodes
+    if world > 1 and tr.batch_size % (world * tr.grad_accum):
+        out.append(
+            f"train.batch_size: {tr.batch_size} is not divisible by the world size {world} (train.nproc_per_node "
+            f"{tr.nproc_per_node} × train.nnodes {tr.nnodes}) × train.grad_accum {tr.grad_accum}"
+        )
+    return out
+
+
 def check_params(params: Params) -> list[str]:
     """Semantic problems of ``params`` that need no I/O, one ``dotted.key: message`` line each."""
     known = set(available_rewards())
@@ -123,6 +141,7 @@ def check_params(params: Params) -> list[str]:
         problems.append(
             f"train.text_encoder: {tr.text_encoder!r} is not 'minilm', 'learned', 't5:<path-or-id>' or 'clip:<path-or-id>'"
         )
+    problems += _launch_problems(tr)
     if tr.latent == "vae" and not tr.vae:
         problems.append("train.vae: required when train.latent is 'vae' (a local AutoencoderKL folder)")
     set_name = ev.prompt_set.split(":", 1)[0]

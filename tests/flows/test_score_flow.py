@@ -39,11 +39,17 @@ def _params(tmp: Path, executor: str = "thread") -> Params:
 
 
 def _score_task_runs(flow_run_id: UUID) -> list[object]:
+    """The score_shard task runs of the flow run (they run in its subflow ``score-shards``)."""
     from prefect import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
 
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        children = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id]))
+        )
+        assert len(children) == 1, children
+        ids = [flow_run_id, children[0].id]
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
     return [r for r in runs if r.name.startswith("score_shard-")]
 
 

@@ -117,6 +117,38 @@ def test_parameters_are_valid_for_each_flow_and_for_miroflow(monkeypatch: pytest
         assert resolve_params(params["params_file"], params["overrides"], None).storage.root.startswith("s3://")
 
 
+def test_prefect_deploy_forms_show_every_code_default() -> None:
+    """The schema `prefect deploy` registers (``parameter_schema`` of the loaded entrypoint, as in
+    prefect/cli/deploy/_core.py) gives every config field a default, list and dict fields included."""
+    from prefect.flows import load_flow_from_entrypoint
+    from prefect.utilities.callables import parameter_schema
+    from pydantic import BaseModel
+
+    import miroflow.config as config
+    from miroflow.config import Params
+
+    for dep in _raw()["deployments"]:
+        schema = parameter_schema(load_flow_from_entrypoint(dep["entrypoint"])).model_dump_for_openapi()
+        sections = {
+            name: d
+            for name, d in schema["definitions"].items()
+            if isinstance(getattr(config, name, None), type) and issubclass(getattr(config, name), BaseModel)
+        }
+        assert {"TrainConfig", "SweepConfig", "ScoreConfig"} <= set(sections), dep["name"]
+        missing = [
+            f"{name}.{key}"
+            for name, d in sections.items()
+            for key, prop in d["properties"].items()
+            if "default" not in prop and "$ref" not in prop
+        ]
+        assert not missing, (dep["name"], missing)
+        props = {name: d["properties"] for name, d in sections.items()}
+        assert props["TrainConfig"]["sample_prompts"]["default"] == Params().train.sample_prompts
+        assert props["SweepConfig"]["best_of_n"]["default"] == Params().sweep.best_of_n
+        assert props["ScoreConfig"]["rewards"]["default"] == Params().score.rewards
+        assert props["EvalConfig"]["reward_targets"]["default"] == {}
+
+
 @pytest.mark.parametrize(
     ("change", "problem"),
     [

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
@@ -14,6 +16,8 @@ from miroflow.tracking import Tracker, tracked_run, unique_run_name
 from miroflow.train import run_train
 
 __all__ = ["train", "model_kind"]
+
+log = logging.getLogger(__name__)
 
 
 #: The registry alias a new version of each kind gets (``models:/<name>@candidate`` is the newest MIRO
@@ -47,6 +51,14 @@ def train(
     if max_steps is not None and max_steps < 1:
         raise PreflightError("train", [f"--max-steps: must be >= 1, got {max_steps}"])
     preflight(params, "train", storage)
+    tp = params.train
+    if (tp.nproc_per_node > 1 or tp.nnodes > 1) and "WORLD_SIZE" not in os.environ:
+        log.warning(
+            "train.nproc_per_node=%d, train.nnodes=%d: this call trains in one process; `miroflow train` and the "
+            "train flow launch torchrun (miroflow.launch.train)",
+            tp.nproc_per_node,
+            tp.nnodes,
+        )
     path = run_manifest_path(params, "train") if manifest == DEFAULT else manifest
     kind = model_kind(params)
     run: AbstractContextManager[Tracker] = (
