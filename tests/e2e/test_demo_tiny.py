@@ -127,6 +127,8 @@ def test_tracked_demo_is_one_parent_run_with_the_stage_runs_under_it(
         assert [m.step for m in client.get_metric_history(t, "eval/overall")] == [3]
         (mv,) = client.search_model_versions(f"run_id = '{t}'")
         assert mv.tags["eval_accuracy"] == f"{e.overall:.4f}" and mv.tags["eval_run_id"] == e.mlflow_run_id
+        assert len(mv.tags["data_hash"]) >= 8 and mv.tags["kind"] in ("baseline", "miro")
+        assert mv.tags["rewards"] == ("none" if mv.tags["kind"] == "baseline" else "sharpness,noise,shapes_alignment")
     # the demo ends with the comparison report of its two runs, logged under the demo's parent run
     assert out.compare is not None and out.compare == str(tmp_path / "compare" / "report.md")
     report = Path(out.compare).read_text()

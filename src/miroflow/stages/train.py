@@ -8,12 +8,13 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 from miroflow.config import Params
+from miroflow.data.hashing import data_hash
 from miroflow.preflight import PreflightError, preflight
 from miroflow.results import TrainResult
 from miroflow.stages._common import DEFAULT, run_manifest_path, write_result
 from miroflow.storage import Storage
 from miroflow.tracking import Tracker, tracked_run, unique_run_name
-from miroflow.train import run_train
+from miroflow.train import resolve_reward_names, run_train
 
 __all__ = ["train", "model_kind"]
 
@@ -41,7 +42,8 @@ def train(
     """Train (or resume) ``train.run_name`` (``miroflow train``), tracked in MLflow when ``tracking.enabled``.
 
     The final model is registered as ``tracking.register_model`` when set and training reached
-    ``train.steps``: the version is tagged ``kind``/``run_name``/``steps`` and gets the alias
+    ``train.steps``: the version is tagged ``kind``/``run_name``/``steps``/``rewards``/``data_hash`` (and
+    ``eval_accuracy`` once evaluated, :func:`miroflow.tracking.record_evaluation`) and gets the alias
     ``candidate`` (MIRO) or ``baseline`` (:data:`REGISTRY_ALIASES`). The manifest (default ``<manifests>/train-<run name>.json``) is written on rank 0.
     The MLflow run is named ``train-<run name>-<steps>steps-<6 hex>`` (tag ``miroflow.run_name`` = the run
     name; nested under ``tracking.parent_run_id`` when set).
@@ -79,7 +81,13 @@ def train(
                 out.checkpoint,
                 params.tracking.register_model,
                 alias=REGISTRY_ALIASES[kind],
-                tags={"kind": kind, "run_name": params.train.run_name, "steps": str(out.steps)},
+                tags={
+                    "kind": kind,
+                    "run_name": params.train.run_name,
+                    "steps": str(out.steps),
+                    "rewards": ",".join(resolve_reward_names(params)[0]) or "none",
+                    "data_hash": data_hash(params.data),
+                },
             )
         result = TrainResult(
             run_name=params.train.run_name,
