@@ -22,6 +22,8 @@ from miroflow import stages
 from miroflow.compare import run_compare
 from miroflow.config import Params, ParamsError, load_params
 from miroflow.errors import MiroflowError, describe
+from miroflow.serve import ServeOptions, parse_pools
+from miroflow.serve import serve as run_serve
 from miroflow.study import run_study
 from miroflow.tune_report import brief_lines
 from miroflow.tune_stage import tune_targets as run_tune_targets
@@ -293,6 +295,42 @@ def compare(
     reward curves overlaid, sample grids side by side (docs/compare.md); markdown + PNGs, logged as an MLflow run."""
     r = run_compare(_load(params_file, overrides), runs, out_dir=out)
     typer.echo(f"compared {len(r['runs'])} runs -> {r['files']['report']} (MLflow run {r['mlflow_run_id']})")
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option("--host", help="Address the Prefect server binds.")] = "127.0.0.1",
+    port: Annotated[
+        int | None, typer.Option("--port", help="The server's port; default 4200, or a free port if 4200 is taken.")
+    ] = None,
+    api_url: Annotated[
+        str | None,
+        typer.Option(
+            "--api-url",
+            help="Use this Prefect API (http://host:port/api) instead of starting a server "
+            "(default: PREFECT_API_URL when it answers).",
+        ),
+    ] = None,
+    pools: Annotated[str, typer.Option("--pools", help="Work pools to start a process worker for.")] = "cpu,gpu",
+    work_dir: Annotated[
+        Path, typer.Option("--work-dir", help="PREFECT_HOME (database, flow results) and logs/ of every process.")
+    ] = Path("work/prefect"),
+    startup_timeout: Annotated[
+        float, typer.Option("--startup-timeout", min=1, help="Seconds to wait for each start-up step.")
+    ] = 180.0,
+) -> None:
+    """The control room on this machine: a Prefect server (API + UI), the process work pools cpu and gpu
+    with every deployment registered on them, and one worker per pool; flow runs work in the current
+    directory. Prints "miroflow serve: ready" and the UI URL; Ctrl-C stops everything (docs/control-room.md)."""
+    opts = ServeOptions(
+        host=host,
+        port=port,
+        api_url=api_url,
+        pools=parse_pools(pools),
+        work_dir=work_dir,
+        startup_timeout_s=startup_timeout,
+    )
+    raise typer.Exit(code=run_serve(opts, echo=lambda line: typer.echo(line, err=False)))
 
 
 def main() -> None:  # pragma: no cover - console entry

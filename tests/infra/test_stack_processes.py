@@ -128,7 +128,7 @@ def test_deploy_service_registers_every_deployment(prefect_api: str, tmp_path: P
     deployments = _deployments(prefect_api)
     assert set(deployments) == {"miro-pipeline", "score-dataset", "train", "evaluate", "sweep", "tts"}
     for name, dep in deployments.items():
-        assert dep["work_pool_name"] == ("gpu" if name in {"miro-pipeline", "train", "sweep", "tts"} else "cpu")
+        assert dep["work_pool_name"] == ("gpu" if name in {"train", "sweep", "tts"} else "cpu")
         assert dep["parameters"]["overrides"] == ["storage.root=s3://miroflow/store"], name
         assert dep["pull_steps"] == [
             {"prefect.deployments.steps.set_working_directory": {"directory": "/opt/miroflow"}}
