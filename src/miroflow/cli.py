@@ -10,23 +10,63 @@ an operational failure; ``miroflow --debug <command>`` (or ``MIROFLOW_DEBUG=1``)
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from typer.core import TyperGroup
 
-from miroflow import stages
-from miroflow.compare import run_compare
 from miroflow.config import Params, ParamsError, load_params
 from miroflow.errors import MiroflowError, describe
 from miroflow.serve import ServeOptions, parse_pools
 from miroflow.serve import serve as run_serve
-from miroflow.study import run_study
-from miroflow.tune_report import brief_lines
-from miroflow.tune_stage import tune_targets as run_tune_targets
+
+
+def _lazy_module(name: str) -> ModuleType:
+    """``name``, executed on first attribute access (the stage libraries import torch, diffusers and
+    open_clip: seconds of CPU that ``miroflow --help`` and ``miroflow serve`` must not wait for)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec(name)
+    assert spec is not None and spec.loader is not None, name
+    loader = importlib.util.LazyLoader(spec.loader)
+    spec.loader = loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    loader.exec_module(module)
+    return module
+
+
+def _lazy_function(module: str, name: str) -> Callable[..., Any]:
+    """``module.name``, imported when first called."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    return call
+
+
+if TYPE_CHECKING:
+    from miroflow import stages
+    from miroflow.compare import run_compare
+    from miroflow.study import run_study
+    from miroflow.tune_report import brief_lines
+    from miroflow.tune_stage import tune_targets as run_tune_targets
+else:
+    stages = _lazy_module("miroflow.stages")
+    run_compare = _lazy_function("miroflow.compare", "run_compare")
+    run_study = _lazy_function("miroflow.study", "run_study")
+    brief_lines = _lazy_function("miroflow.tune_report", "brief_lines")
+    run_tune_targets = _lazy_function("miroflow.tune_stage", "tune_targets")
+
+#: ``miroflow demo --manifests`` default (miroflow.stages.DEMO_MANIFESTS, a test checks they agree).
+DEMO_MANIFESTS = "work/demo/manifests"
 
 #: Most lines a params error prints on a stage command (``params validate`` prints them all).
 MAX_PROBLEM_LINES = 3
@@ -251,7 +291,7 @@ def demo(
     steps: Annotated[int, typer.Option("--steps", help="Training steps per demo model.")] = 600,
     manifests: Annotated[
         str, typer.Option("--manifests", help="Folder of the demo's local manifests (not DVC's manifests/).")
-    ] = stages.DEMO_MANIFESTS,
+    ] = DEMO_MANIFESTS,
 ) -> None:
     """Run every stage on the embedded defaults (shapes): data, scores, bins, a tiny baseline and a
     tiny MIRO model, their evaluation and a small sweep. Prints where each output went."""
