@@ -10,7 +10,7 @@ Supervises subprocesses, each in its own session (process group), logs under ``<
 3. one ``prefect worker start --pool <pool> --type process`` per pool of ``--pools``.
 
 When the API answers, the deployments are registered and every pool reports a ready worker, it
-prints ``miroflow serve: ready`` and ``UI: <url>``, then waits. Ctrl-C or SIGTERM stops the workers
+prints the lines ``miroflow serve: ready`` and ``UI: <url>``, then waits. Ctrl-C or SIGTERM stops the workers
 first (their flow runs, which run in sessions of their own, included), then the server: every
 process group is sent SIGTERM, then SIGKILL after a grace period, so nothing is left behind.
 
@@ -374,7 +374,7 @@ def serve(opts: ServeOptions, echo: Echo = print) -> int:
         if not api_healthy(opts.api_url):
             raise ServeInputError(f"--api-url: {opts.api_url}/health does not answer true (is the server up?)")
         api_url, port = opts.api_url.rstrip("/"), None
-    elif env_api and api_healthy(env_api):
+    elif env_api and opts.port is None and api_healthy(env_api):
         api_url, port = env_api.rstrip("/"), None
         echo(f"using the Prefect server of PREFECT_API_URL={api_url}")
     else:
@@ -407,10 +407,9 @@ def serve(opts: ServeOptions, echo: Echo = print) -> int:
             for w, pool in zip(workers, pools, strict=True):
                 ready = _pool_check(api_url, pool)
                 _wait(f"work pool {pool}'s worker", ready, opts.startup_timeout_s, children, w)
-            echo(
-                f"{READY_LINE} in {time.monotonic() - t0:.1f} s (pools: {', '.join(pools)}; flow runs work in {run_dir})"
-            )
+            echo(READY_LINE)
             echo(f"UI: {ui_url}")
+            echo(f"up in {time.monotonic() - t0:.1f} s; workers for {', '.join(pools)}; flow runs work in {run_dir}")
             while True:
                 for c in children:
                     if c.name != "deploy" and c.proc.poll() is not None:
