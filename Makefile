@@ -1,6 +1,7 @@
 # miroflow: two commands do everything on a fresh machine.
 #   make demo   install into .venv (if needed) and run the pipeline on the embedded shapes domain
 #   make test   install into .venv (if needed) and run the test suite (what CI runs)
+#   make serve  the control room: Prefect server + UI, cpu/gpu work pools with a worker each (Ctrl-C stops)
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 PYTHON ?= python3
@@ -19,7 +20,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo lint format test test-all bench clean-work
+.PHONY: install demo serve lint format test test-all bench clean-work
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +33,10 @@ install: $(STAMP)
 
 demo: install
 	PREFECT_HOME=$(CURDIR)/work/prefect $(VENV)/bin/miroflow demo
+
+# Prefect UI + deployments + one process worker per pool (docs/control-room.md); SERVE_ARGS="--port 4300"
+serve: install
+	$(VENV)/bin/miroflow serve $(SERVE_ARGS)
 
 # ruff (lint + format check), the layer contract and mypy against its shrinking baseline
 lint: install

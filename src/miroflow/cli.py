@@ -10,21 +10,64 @@ an operational failure; ``miroflow --debug <command>`` (or ``MIROFLOW_DEBUG=1``)
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from typer.core import TyperGroup
 
-from miroflow import launch, stages
-from miroflow.compare import run_compare
 from miroflow.config import Params, ParamsError, load_params
 from miroflow.errors import MiroflowError, describe
-from miroflow.study import run_study
-from miroflow.tune_report import brief_lines
-from miroflow.tune_stage import tune_targets as run_tune_targets
+from miroflow.serve import ServeOptions, parse_pools
+from miroflow.serve import serve as run_serve
+
+
+def _lazy_module(name: str) -> ModuleType:
+    """``name``, executed on first attribute access (the stage libraries import torch, diffusers and
+    open_clip: seconds of CPU that ``miroflow --help`` and ``miroflow serve`` must not wait for)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec(name)
+    assert spec is not None and spec.loader is not None, name
+    loader = importlib.util.LazyLoader(spec.loader)
+    spec.loader = loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    loader.exec_module(module)
+    return module
+
+
+def _lazy_function(module: str, name: str) -> Callable[..., Any]:
+    """``module.name``, imported when first called."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    return call
+
+
+if TYPE_CHECKING:
+    from miroflow import launch, stages
+    from miroflow.compare import run_compare
+    from miroflow.study import run_study
+    from miroflow.tune_report import brief_lines
+    from miroflow.tune_stage import tune_targets as run_tune_targets
+else:
+    stages = _lazy_module("miroflow.stages")
+    launch = _lazy_module("miroflow.launch")
+    run_compare = _lazy_function("miroflow.compare", "run_compare")
+    run_study = _lazy_function("miroflow.study", "run_study")
+    brief_lines = _lazy_function("miroflow.tune_report", "brief_lines")
+    run_tune_targets = _lazy_function("miroflow.tune_stage", "tune_targets")
+
+#: ``miroflow demo --manifests`` default (miroflow.stages.DEMO_MANIFESTS, a test checks they agree).
+DEMO_MANIFESTS = "work/demo/manifests"
 
 #: Most lines a params error prints on a stage command (``params validate`` prints them all).
 MAX_PROBLEM_LINES = 3
@@ -266,7 +309,7 @@ def demo(
     steps: Annotated[int, typer.Option("--steps", help="Training steps per demo model.")] = 600,
     manifests: Annotated[
         str, typer.Option("--manifests", help="Folder of the demo's local manifests (not DVC's manifests/).")
-    ] = stages.DEMO_MANIFESTS,
+    ] = DEMO_MANIFESTS,
 ) -> None:
     """Run every stage on the embedded defaults (shapes): data, scores, bins, a tiny baseline and a
     tiny MIRO model, their evaluation and a small sweep. Prints where each output went."""
@@ -310,6 +353,42 @@ def compare(
     reward curves overlaid, sample grids side by side (docs/compare.md); markdown + PNGs, logged as an MLflow run."""
     r = run_compare(_load(params_file, overrides), runs, out_dir=out)
     typer.echo(f"compared {len(r['runs'])} runs -> {r['files']['report']} (MLflow run {r['mlflow_run_id']})")
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option("--host", help="Address the Prefect server binds.")] = "127.0.0.1",
+    port: Annotated[
+        int | None, typer.Option("--port", help="The server's port; default 4200, or a free port if 4200 is taken.")
+    ] = None,
+    api_url: Annotated[
+        str | None,
+        typer.Option(
+            "--api-url",
+            help="Use this Prefect API (http://host:port/api) instead of starting a server "
+            "(default: PREFECT_API_URL when it answers).",
+        ),
+    ] = None,
+    pools: Annotated[str, typer.Option("--pools", help="Work pools to start a process worker for.")] = "cpu,gpu",
+    work_dir: Annotated[
+        Path, typer.Option("--work-dir", help="PREFECT_HOME (database, flow results) and logs/ of every process.")
+    ] = Path("work/prefect"),
+    startup_timeout: Annotated[
+        float, typer.Option("--startup-timeout", min=1, help="Seconds to wait for each start-up step.")
+    ] = 180.0,
+) -> None:
+    """The control room on this machine: a Prefect server (API + UI), the process work pools cpu and gpu
+    with every deployment registered on them, and one worker per pool; flow runs work in the current
+    directory. Prints "miroflow serve: ready" and the UI URL; Ctrl-C stops everything (docs/control-room.md)."""
+    opts = ServeOptions(
+        host=host,
+        port=port,
+        api_url=api_url,
+        pools=parse_pools(pools),
+        work_dir=work_dir,
+        startup_timeout_s=startup_timeout,
+    )
+    raise typer.Exit(code=run_serve(opts, echo=lambda line: typer.echo(line, err=False)))
 
 
 def main() -> None:  # pragma: no cover - console entry

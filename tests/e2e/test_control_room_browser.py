@@ -378,23 +378,33 @@ def test_pipeline_started_from_the_dashboard_form(
     tracking = MlflowClient(mlflow_server)
     exp = tracking.get_experiment_by_name(experiment)
     assert exp is not None, f"no MLflow experiment {experiment}"
-    runs = tracking.search_runs(
-        [exp.experiment_id], filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'", max_results=100
-    )
-    for r in runs:
-        assert r.data.tags["prefect.flow_run_name"] == run.name
-        assert r.data.tags["prefect.flow_run_url"] == f"{room.ui_url}/runs/flow-run/{flow_run_id}"
+    runs = tracking.search_runs([exp.experiment_id], max_results=200)
+    # one MLflow parent run for the pipeline run, every stage run under it (directly or via its training)
+    (parent,) = [r for r in runs if r.data.tags.get("stage") == "pipeline"]
+    assert parent.data.tags["prefect.flow_run_id"] == flow_run_id and parent.info.status == "FINISHED"
+    for r in runs:  # every run names the Prefect flow run it ran in (the pipeline, or a dispatched train/sweep)
+        assert (
+            r.data.tags["prefect.flow_run_url"] == f"{room.ui_url}/runs/flow-run/{r.data.tags['prefect.flow_run_id']}"
+        )
+        if r.data.tags["prefect.flow_run_id"] == flow_run_id:
+            assert r.data.tags["prefect.flow_run_name"] == run.name
     trainings = {r.data.tags["kind"]: r for r in runs if r.data.tags.get("kind") in ("miro", "baseline")}
     assert set(trainings) == {"miro", "baseline"}, [r.data.tags for r in runs]
     assert trainings["miro"].data.tags["run_name"] == RUN
     assert trainings["baseline"].data.tags["run_name"] == f"{RUN}-baseline"
+    train_ids = {r.info.run_id for r in trainings.values()}
     for r in trainings.values():
+        assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
         images = [f for f in _mlflow_files(tracking, r.info.run_id) if f.endswith(".png")]
         assert images, f"no image logged in training run {r.info.run_name}"
+        assert "eval/overall" in r.data.metrics  # the training run carries its final evaluation
+        if run.parameters.get("dispatch") == "deployments":  # trained by the gpu pool's train deployment
+            assert r.data.tags["prefect.flow_name"] == "train" and r.data.tags["prefect.flow_run_id"] != flow_run_id
     evals = [r for r in runs if "eval.checkpoint" in r.data.tags]
     assert len(evals) == 2, [r.info.run_name for r in runs]
     assert all(r.data.tags["eval.checkpoint"].startswith(f"{root}/runs/") for r in evals)
     assert all("eval/overall" in r.data.metrics for r in evals)
+    assert all(r.data.tags["mlflow.parentRunId"] in train_ids for r in evals)  # evaluations under their training
 
     # S3: shards, checkpoints and evaluation outputs of both runs in the moto bucket
     keys = _s3_keys(moto_server, s3_bucket, "control-room/")

@@ -30,6 +30,9 @@ TINY = [
     "eval.images_per_prompt=1",
     "eval.steps=1",
     "tracking.experiment=records",
+    "sweep.guidance_scales=[0.0]",  # the pipeline ends with a small sweep of the MIRO model
+    "sweep.target_values=[0.0]",
+    "sweep.best_of_n=[1,2]",
 ]
 
 

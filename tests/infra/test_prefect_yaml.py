@@ -17,8 +17,9 @@ import yaml
 from tests.infra.infra_checks import DOCKERFILE, PREFECT_YAML, REPO
 
 POOLS = {"cpu", "gpu"}
-#: Flows that train or sample many images run on the gpu pool; the rest on cpu.
-GPU_DEPLOYMENTS = {"miro-pipeline", "train", "sweep", "tts", "tune-targets"}
+#: Flows that train or sample many images run on the gpu pool; the rest on cpu (the pipeline too: it
+#: dispatches its GPU stages to the gpu pool, docs/control-room.md "Work pools and dispatch").
+GPU_DEPLOYMENTS = {"train", "sweep", "tts", "tune-targets"}
 TOP_LEVEL_KEYS = {"name", "prefect-version", "build", "push", "pull", "definitions", "deployments"}
 
 
@@ -94,6 +95,8 @@ def test_pools_limits_and_working_directory() -> None:
     deployments = {d["name"]: d for d in _raw()["deployments"]}
     assert {d["work_pool"]["name"] for d in deployments.values()} == POOLS
     assert deployments["train"]["work_pool"]["name"] == "gpu"
+    assert deployments["miro-pipeline"]["work_pool"]["name"] == "cpu"
+    assert deployments["miro-pipeline"]["parameters"]["dispatch"] == "deployments", "never holds the gpu slot"
     assert deployments["train"]["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}
     [step] = _raw()["pull"]
     directory = step["prefect.deployments.steps.set_working_directory"]["directory"]

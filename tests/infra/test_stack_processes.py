@@ -126,9 +126,9 @@ def test_deploy_service_registers_every_deployment(prefect_api: str, tmp_path: P
     assert {pools["cpu"]["type"], pools["gpu"]["type"]} == {"process"}
     assert pools["gpu"]["concurrency_limit"] == 1 and pools["cpu"]["concurrency_limit"] is None
     deployments = _deployments(prefect_api)
-    assert set(deployments) == {"miro-pipeline", "score-dataset", "train", "evaluate", "sweep", "tts"}
+    assert set(deployments) == {"miro-pipeline", "score-dataset", "train", "evaluate", "sweep", "tts", "tune-targets"}
     for name, dep in deployments.items():
-        assert dep["work_pool_name"] == ("gpu" if name in {"miro-pipeline", "train", "sweep", "tts"} else "cpu")
+        assert dep["work_pool_name"] == ("gpu" if name in {"train", "sweep", "tts", "tune-targets"} else "cpu")
         assert dep["parameters"]["overrides"] == ["storage.root=s3://miroflow/store"], name
         assert dep["pull_steps"] == [
             {"prefect.deployments.steps.set_working_directory": {"directory": "/opt/miroflow"}}
