@@ -29,7 +29,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.settings import get_current_settings
 
 from miroflow.config import Params
-from miroflow.tracking import METRICS_LOGGER, absolute_uri, register_tag_provider, resolve_tracking_uri
+from miroflow.tracking import absolute_uri, register_tag_provider, resolve_tracking_uri
+from miroflow.tracking.context import metrics_handler
 from miroflow.tracking.uris import safe_uri
 
 __all__ = [
@@ -141,17 +142,8 @@ def forward_metrics() -> Iterator[None]:
             if record.thread == thread:
                 run_log.info("%s", record.getMessage())
 
-    logger = logging.getLogger(METRICS_LOGGER)
-    handler = _Forward(logging.INFO)
-    old_level = logger.level
-    logger.addHandler(handler)
-    if logger.getEffectiveLevel() > logging.INFO:
-        logger.setLevel(logging.INFO)
-    try:
+    with metrics_handler(_Forward(logging.INFO)):
         yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
 
 
 def abs_uri(uri: str | None) -> str | None:

@@ -45,7 +45,7 @@ from miroflow.config import Params
 from miroflow.errors import OperationalError
 from miroflow.results import TrainResult
 from miroflow.tracking import METRICS_LOGGER, default_run_tags
-from miroflow.tracking.context import RUN_TAGS_ENV
+from miroflow.tracking.context import RUN_TAGS_ENV, metrics_handler
 
 __all__ = [
     "LaunchError",
@@ -284,16 +284,8 @@ def metrics_to_stderr(enabled: bool = True) -> Iterator[None]:
     if not enabled or int(os.environ.get("RANK", "0")) != 0:
         yield
         return
-    logger = logging.getLogger(METRICS_LOGGER)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(METRICS_PREFIX + "%(message)s"))
     handler.setLevel(logging.INFO)
-    old_level = logger.level
-    logger.addHandler(handler)
-    if logger.getEffectiveLevel() > logging.INFO:
-        logger.setLevel(logging.INFO)
-    try:
+    with metrics_handler(handler):
         yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)

@@ -23,7 +23,8 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 
 __all__ = [
     "RUN_TAGS_ENV",
@@ -106,3 +107,19 @@ def echo_metrics(metrics: Mapping[str, float], step: int) -> None:
         except (TypeError, ValueError):
             parts.append(f"{k}={v!r}")
     _metrics_log.info("step %d: %s", int(step), ", ".join(parts))
+
+
+@contextmanager
+def metrics_handler(handler: logging.Handler) -> Iterator[None]:
+    """``handler`` attached to the :data:`METRICS_LOGGER` logger (raised to INFO if it was quieter) for the
+    duration of the block; the logger's handlers and level are restored after."""
+    logger = logging.getLogger(METRICS_LOGGER)
+    old_level = logger.level
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
