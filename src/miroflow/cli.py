@@ -16,7 +16,6 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -28,19 +27,19 @@ from miroflow.serve import ServeOptions, parse_pools
 from miroflow.serve import serve as run_serve
 
 
-def _lazy_module(name: str) -> ModuleType:
-    """``name``, executed on first attribute access (the stage libraries import torch, diffusers and
-    open_clip: seconds of CPU that ``miroflow --help`` and ``miroflow serve`` must not wait for)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.find_spec(name)
-    assert spec is not None and spec.loader is not None, name
-    loader = importlib.util.LazyLoader(spec.loader)
-    spec.loader = loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    loader.exec_module(module)
-    return module
+class _LazyModule:
+    """Module ``name``, imported on first attribute access (the stage libraries import torch, diffusers
+    and open_clip: seconds of CPU that ``miroflow --help`` and ``miroflow serve`` must not wait for).
+
+    A plain proxy, never put in ``sys.modules``: a lazy module object there is touched by
+    ``inspect.getmodule`` while torch imports (``hasattr(module, "__file__")``), which would run the
+    stage libraries' imports in the middle of torch's own and fail as a circular import."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(importlib.import_module(self._name), attr)
 
 
 def _lazy_function(module: str, name: str) -> Callable[..., Any]:
@@ -59,8 +58,8 @@ if TYPE_CHECKING:
     from miroflow.tune_report import brief_lines
     from miroflow.tune_stage import tune_targets as run_tune_targets
 else:
-    stages = _lazy_module("miroflow.stages")
-    launch = _lazy_module("miroflow.launch")
+    stages = _LazyModule("miroflow.stages")
+    launch = _LazyModule("miroflow.launch")
     run_compare = _lazy_function("miroflow.compare", "run_compare")
     run_study = _lazy_function("miroflow.study", "run_study")
     brief_lines = _lazy_function("miroflow.tune_report", "brief_lines")
