@@ -283,11 +283,12 @@ def resolve_run(client: "MlflowClient", given: str, experiment: str) -> "Run":
 
 
 def _is_eval(run: "Run") -> bool:
-    return (
-        run.data.tags.get("stage") == "evaluate"
-        or "eval/overall" in run.data.metrics
-        or any(k.startswith(_REWARD_PREFIX) for k in run.data.metrics)
-    )
+    """An evaluation run: tagged ``stage=evaluate``, or (untagged runs) one that logged ``eval/*``. A training
+    run carries its final ``eval/*`` too (:func:`miroflow.tracking.record_evaluation`): its tag decides."""
+    stage = run.data.tags.get("stage")
+    if stage is not None:
+        return stage == "evaluate"
+    return "eval/overall" in run.data.metrics or any(k.startswith(_REWARD_PREFIX) for k in run.data.metrics)
 
 
 def _newest_eval_child(client: "MlflowClient", run: "Run") -> "Run | None":

@@ -380,13 +380,14 @@ def test_pipeline_started_from_the_dashboard_form(
     assert exp is not None, f"no MLflow experiment {experiment}"
     runs = tracking.search_runs([exp.experiment_id], max_results=200)
     # one MLflow parent run for the pipeline run, every stage run under it (directly or via its training)
+    fr_id = str(flow_run_id)
     (parent,) = [r for r in runs if r.data.tags.get("stage") == "pipeline"]
-    assert parent.data.tags["prefect.flow_run_id"] == flow_run_id and parent.info.status == "FINISHED"
+    assert parent.data.tags["prefect.flow_run_id"] == fr_id and parent.info.status == "FINISHED"
     for r in runs:  # every run names the Prefect flow run it ran in (the pipeline, or a dispatched train/sweep)
         assert (
             r.data.tags["prefect.flow_run_url"] == f"{room.ui_url}/runs/flow-run/{r.data.tags['prefect.flow_run_id']}"
         )
-        if r.data.tags["prefect.flow_run_id"] == flow_run_id:
+        if r.data.tags["prefect.flow_run_id"] == fr_id:
             assert r.data.tags["prefect.flow_run_name"] == run.name
     trainings = {r.data.tags["kind"]: r for r in runs if r.data.tags.get("kind") in ("miro", "baseline")}
     assert set(trainings) == {"miro", "baseline"}, [r.data.tags for r in runs]
@@ -399,7 +400,7 @@ def test_pipeline_started_from_the_dashboard_form(
         assert images, f"no image logged in training run {r.info.run_name}"
         assert "eval/overall" in r.data.metrics  # the training run carries its final evaluation
         if run.parameters.get("dispatch") == "deployments":  # trained by the gpu pool's train deployment
-            assert r.data.tags["prefect.flow_name"] == "train" and r.data.tags["prefect.flow_run_id"] != flow_run_id
+            assert r.data.tags["prefect.flow_name"] == "train" and r.data.tags["prefect.flow_run_id"] != fr_id
     evals = [r for r in runs if "eval.checkpoint" in r.data.tags]
     assert len(evals) == 2, [r.info.run_name for r in runs]
     assert all(r.data.tags["eval.checkpoint"].startswith(f"{root}/runs/") for r in evals)

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from uuid import UUID
@@ -169,10 +170,13 @@ def test_interrupting_the_launcher_stops_every_rank(data_overrides: list[str], t
             if line.startswith("step 2: loss="):
                 break
             assert time.monotonic() < deadline, "".join(seen[-20:])
+        # keep draining the pipe: a parent blocked writing to a full pipe could not react to the signal
+        drain = threading.Thread(target=lambda: [seen.append(x) for x in proc.stdout or []], daemon=True)
+        drain.start()
         ranks = psutil.Process(proc.pid).children(recursive=True)
         assert len(ranks) >= 3, ranks  # torchrun and its two ranks
         os.kill(proc.pid, signal.SIGINT)
-        assert proc.wait(timeout=60) != 0
+        assert proc.wait(timeout=120) != 0, "".join(seen[-20:])
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -12,6 +12,7 @@ from mlflow import MlflowClient
 
 from miroflow import stages
 from miroflow.config import Params
+from miroflow.data.hashing import data_hash
 from miroflow.pipeline import load_pipeline
 from miroflow.tracking import register_model
 
@@ -49,7 +50,13 @@ def test_registered_versions_have_kind_tags_and_aliases_and_load_by_alias(
     client = MlflowClient(tracking_uri=mlflow_server)
     mv = client.get_model_version_by_alias(name, "baseline")
     assert mv.version == result.model_version == "1"
-    assert mv.tags == {"kind": "baseline", "run_name": "reg-baseline", "steps": "3"}
+    assert mv.tags == {
+        "kind": "baseline",
+        "run_name": "reg-baseline",
+        "steps": "3",
+        "rewards": "none",
+        "data_hash": data_hash(p.data),
+    }
 
     # a second version takes the candidate alias; the baseline alias stays where it was
     v2 = register_model(str(result.mlflow_run_id), "final", name, alias="candidate", tags={"kind": "miro"})

@@ -4,7 +4,7 @@ bad-input errors, the sweep-grid walk, the plot, and the training hook on real r
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -320,6 +320,7 @@ class RecordingTracker:
         self.figures.append(artifact_file)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def log_table(self, table: Mapping[str, Sequence[Any]], artifact_file: str) -> None: ...
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self.tags.update(tags)
 
