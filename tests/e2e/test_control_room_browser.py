@@ -401,11 +401,13 @@ def test_pipeline_started_from_the_dashboard_form(
         assert "eval/overall" in r.data.metrics  # the training run carries its final evaluation
         if run.parameters.get("dispatch") == "deployments":  # trained by the gpu pool's train deployment
             assert r.data.tags["prefect.flow_name"] == "train" and r.data.tags["prefect.flow_run_id"] != fr_id
-    evals = [r for r in runs if "eval.checkpoint" in r.data.tags]
+    evals = [r for r in runs if r.data.tags.get("stage") == "evaluate"]
     assert len(evals) == 2, [r.info.run_name for r in runs]
     assert all(r.data.tags["eval.checkpoint"].startswith(f"{root}/runs/") for r in evals)
     assert all("eval/overall" in r.data.metrics for r in evals)
     assert all(r.data.tags["mlflow.parentRunId"] in train_ids for r in evals)  # evaluations under their training
+    sweeps = [r for r in runs if r.data.tags.get("stage") == "sweep"]  # the sweep + best-of-N of MIRO
+    assert len(sweeps) == 1 and sweeps[0].data.tags["mlflow.parentRunId"] == trainings["miro"].info.run_id
 
     # S3: shards, checkpoints and evaluation outputs of both runs in the moto bucket
     keys = _s3_keys(moto_server, s3_bucket, "control-room/")
