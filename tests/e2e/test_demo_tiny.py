@@ -131,8 +131,12 @@ def test_tracked_demo_is_one_parent_run_with_the_stage_runs_under_it(
         assert mv.tags["rewards"] == ("none" if mv.tags["kind"] == "baseline" else "sharpness,noise,shapes_alignment")
     # the demo ends with the comparison report of its two runs, logged under the demo's parent run
     assert out.compare is not None and out.compare == str(tmp_path / "compare" / "report.md")
-    report = Path(out.compare).read_text()
-    assert "demo-baseline" in report and "demo-miro" in report and (tmp_path / "compare" / "compare.json").is_file()
+    doc = json.loads((tmp_path / "compare" / "compare.json").read_text())
+    assert [r["label"] for r in doc["runs"]] == ["demo-baseline", "demo-miro"]
+    assert [r["train_run_id"] for r in doc["runs"]] == train_ids  # the training runs, not the demo's parent
+    assert [r["eval_run_id"] for r in doc["runs"]] == [e.mlflow_run_id for e in out.evals]
+    (overall,) = [row for row in doc["table"] if row["metric"] == "eval/overall"]
+    assert all(v["se"] is not None and v["n"] > 0 for v in overall["runs"].values())  # SEs from the eval samples
     assert any(line.startswith("[compare] demo-baseline vs demo-miro") for line in lines)
     (cmp_run,) = [r for r in runs.values() if r.data.tags.get("stage") == "compare"] or [None]
     assert cmp_run is not None and parent_of(cmp_run.info.run_id) == pid
