@@ -159,6 +159,9 @@ def test_interrupting_the_launcher_stops_every_rank(data_overrides: list[str], t
         stderr=subprocess.STDOUT,
         text=True,
         cwd=tmp_path,
+        # Ctrl-C as a terminal delivers it: a pytest started in the background of a non-interactive shell
+        # ignores SIGINT, and an ignored SIGINT is inherited (Python then installs no handler)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     seen: list[str] = []
     ranks: list[object] = []
