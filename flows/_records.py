@@ -47,6 +47,7 @@ __all__ = [
     "abs_uri",
     "rounded",
     "hacking_fact",
+    "sweep_flags",
 ]
 
 #: Flow options: results persisted as JSON (never pickle) under ``PREFECT_LOCAL_STORAGE_PATH``
@@ -251,3 +252,8 @@ def hacking_fact(flags: Sequence[str] | None, shown: int = 3) -> str:
         return "none"
     more = f"<br>… and {len(flags) - shown} more (MLflow tag `hacking.flags`)" if len(flags) > shown else ""
     return f"**{len(flags)}**: " + "<br>".join(flags[:shown]) + more
+
+
+def sweep_flags(notes: Sequence[str] | None) -> list[str]:
+    """The reward-hacking flags of a sweep, from its ``notes`` (the lines ``hacking: <flag>``)."""
+    return [n.removeprefix("hacking: ") for n in notes or [] if n.startswith("hacking: ")]

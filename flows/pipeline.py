@@ -19,7 +19,15 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from flows._dispatch import Dispatch, check_deployments, run_stage
-from flows._records import FLOW_RESULTS, check_params, hacking_fact, mlflow_ref, publish, require_confirmation
+from flows._records import (
+    FLOW_RESULTS,
+    check_params,
+    hacking_fact,
+    mlflow_ref,
+    publish,
+    require_confirmation,
+    sweep_flags,
+)
 from flows.evaluate import eval_facts, eval_row, evaluate_model_task
 from flows.score_dataset import score_dataset
 from flows.sweep import sweep_task
@@ -69,9 +77,7 @@ def sweep_summary(p: Params, name: str, swept: dict[str, Any]) -> tuple[dict[str
         f"{name} sweep points": len(points),
         f"{name} sweep.json": f"`{swept.get('sweep_json')}`",
         f"{name} MLflow sweep run": mlflow_ref(p, swept.get("parent_run_id")),
-        f"{name} sweep reward-hacking flags": hacking_fact(
-            [n[len("hacking: ") :] for n in swept.get("notes") or [] if n.startswith("hacking: ")]
-        ),
+        f"{name} sweep reward-hacking flags": hacking_fact(sweep_flags(swept.get("notes"))),
     }
     return facts, [sweep_row(name, pt) for pt in points]
 

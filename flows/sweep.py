@@ -8,7 +8,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
-from flows._records import FLOW_RESULTS, abs_uri, hacking_fact, mlflow_ref, publish, rounded
+from flows._records import FLOW_RESULTS, abs_uri, hacking_fact, mlflow_ref, publish, rounded, sweep_flags
 from miroflow import stages
 from miroflow.config import Params, resolve_params
 from miroflow.storage import join_uri
@@ -77,9 +77,7 @@ def sweep(
         "points": len(out["points"]),
         "sweep.json": f"`{out['sweep_json']}`",
         "MLflow sweep run": mlflow_ref(p, out.get("parent_run_id")),
-        "reward-hacking flags": hacking_fact(
-            [n[len("hacking: ") :] for n in out["notes"] if n.startswith("hacking: ")]
-        ),
+        "reward-hacking flags": hacking_fact(sweep_flags(out["notes"])),
     }
     publish(
         "sweep", p, facts, [{"run": pt["name"], **{k: v for k, v in pt.items() if k != "name"}} for pt in out["points"]]

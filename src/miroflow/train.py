@@ -31,7 +31,7 @@ from miroflow.data.stream import ShardLoader, StreamSource, scan_captions
 from miroflow.data.stream_plan import StreamPlan
 from miroflow.data.train_data import TrainData, load_train_data, step_seed
 from miroflow.flow import euler_sample
-from miroflow.hacking import TrainingMonitor
+from miroflow.hacking_monitor import TrainingMonitor
 from miroflow.models import create_codec, create_denoiser, create_text_encoder
 from miroflow.rewards import mean_normalized_scores
 from miroflow.storage import Storage, from_config, join_uri

@@ -16,6 +16,7 @@ import torch
 from miroflow import hacking, plots
 from miroflow.data.shapes import render
 from miroflow.hacking import JUDGE, Flag, HackingInputError, monitor_evals
+from miroflow.hacking_monitor import TrainingMonitor
 from miroflow.prompts import load_prompt_set
 from miroflow.results import EvalSummary
 from miroflow.tracking import Tracker
@@ -348,13 +349,13 @@ def test_training_monitor_flags_a_grid_that_turns_to_texture_on_real_rewards_and
     stripes[:, :, (np.arange(32) // 3) % 2 == 1] = 255  # every weight-free reward at 1, no object
     tracker = RecordingTracker()
     assert isinstance(tracker, Tracker)
-    mon = hacking.TrainingMonitor(tracker, ["sharpness", "contrast", "shapes_alignment"], judged=True)
+    mon = TrainingMonitor(tracker, ["sharpness", "contrast", "shapes_alignment"], judged=True)
     assert mon.observe(10, _images(clean), prompts) == [] and tracker.tags == {} and tracker.metrics == []
     new = mon.observe(20, _images(stripes), prompts)
     assert {(f.rose, f.fell) for f in new} == {("sharpness", JUDGE), ("contrast", JUDGE)}  # judge-only default
     assert all((f.start, f.end) == ("step 10", "step 20") for f in new)
     # declared pairs: the alignment reward falling counts too when named
-    named = hacking.TrainingMonitor(
+    named = TrainingMonitor(
         RecordingTracker(), ["sharpness", "shapes_alignment"], True, against=[JUDGE, "shapes_alignment"]
     )
     named.observe(10, _images(clean), prompts)
@@ -370,7 +371,7 @@ def test_training_monitor_flags_a_grid_that_turns_to_texture_on_real_rewards_and
 
 def test_training_monitor_notes_an_unusable_point_and_carries_on() -> None:
     tracker = RecordingTracker()
-    mon = hacking.TrainingMonitor(tracker, ["shapes_alignment"], judged=True)
+    mon = TrainingMonitor(tracker, ["shapes_alignment"], judged=True)
     img = _images(np.full((2, 32, 32, 3), 128, dtype=np.uint8))
     # captions the judge cannot parse: shapes_alignment is NaN for every image -> n = 0
     assert mon.observe(5, img, ["hello world", "lorem ipsum"]) == []

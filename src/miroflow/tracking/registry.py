@@ -10,9 +10,13 @@ import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from miroflow.storage import Storage, parse_uri
 from miroflow.tracking.uris import resolve_tracking_uri
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from mlflow import MlflowClient
 
 __all__ = ["register_model", "record_evaluation"]
 
@@ -47,6 +51,15 @@ def _copy_checkpoint(src: str | Path, dst: Path) -> int:
     return n
 
 
+def _client(tracking_uri: str | None) -> "MlflowClient":
+    """A client of ``tracking_uri`` (else ``MLFLOW_TRACKING_URI``, else the default) with the registry at
+    ``MLFLOW_REGISTRY_URI`` or the same URI."""
+    from mlflow import MlflowClient  # lazy: mlflow takes seconds to import; untracked runs never need it
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or resolve_tracking_uri(None)
+    return MlflowClient(tracking_uri=uri, registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or uri)
+
+
 def register_model(
     run_id: str,
     artifact_path_or_uri: str | Path,
@@ -64,11 +77,9 @@ def register_model(
     The registered model ``name`` is created if it does not exist. ``tags`` are set on the new
     version; ``alias`` (e.g. ``candidate``) is moved to it, so ``models:/<name>@<alias>`` names it.
     """
-    from mlflow import MlflowClient  # lazy: mlflow takes seconds to import; untracked runs never need it
     from mlflow.exceptions import MlflowException  # lazy: mlflow takes seconds to import; untracked runs never need it
 
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or resolve_tracking_uri(None)
-    client = MlflowClient(tracking_uri=uri, registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or uri)
+    client = _client(tracking_uri)
     src = str(artifact_path_or_uri)
     if src.startswith("runs:/"):
         source = src
@@ -115,11 +126,9 @@ def record_evaluation(
     ``eval_run_id``, so the registry shows how good each version is. Returns ``"<name>/<version>"`` of
     the tagged versions.
     """
-    from mlflow import MlflowClient  # lazy: mlflow takes seconds to import; untracked runs never need it
     from mlflow.entities import Metric
 
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or resolve_tracking_uri(None)
-    client = MlflowClient(tracking_uri=uri, registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or uri)
+    client = _client(tracking_uri)
     now = int(time.time() * 1000)
     values = [Metric(k, float(v), now, int(step)) for k, v in metrics.items() if v is not None and math.isfinite(v)]
     client.log_batch(train_run_id, metrics=values)
