@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from miroflow import stages
 from miroflow.cli import app
-from miroflow.compare import Stat, difference_p, standard_errors
+from miroflow.compare_stats import Stat, difference_p, standard_errors
 from miroflow.config import load_params
 from miroflow.recipes import pipeline_runs
 from miroflow.stages.pipeline import data_stages
